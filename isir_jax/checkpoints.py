@@ -1,0 +1,66 @@
+"""Model checkpoints on disk: orbax params beside the architecture config as JSON.
+
+Layout of a model directory::
+
+    DIR/config.json   {"family": ..., "module": {...architecture kwargs...}, ...}
+    DIR/params/       orbax PyTree checkpoint of the Flax params
+
+The config is what a loader needs to rebuild the module; the converters and the
+trainers write this layout, ``load_denoiser``/``load_discriminator`` read it.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+CONFIG_NAME = 'config.json'
+PARAMS_NAME = 'params'
+
+
+def save_model(directory: str, params: Any, config: dict) -> None:
+  """Writes ``params`` and ``config`` to ``directory``, replacing it atomically.
+
+  The model is written to a temporary sibling first and renamed into place, so an
+  interrupted save never leaves a half-written directory behind.
+  """
+  directory = os.path.abspath(directory)
+  parent = os.path.dirname(directory)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix='.tmp-' + os.path.basename(directory) + '-', dir=parent)
+  try:
+    params = jax.tree_util.tree_map(np.asarray, params)
+    with ocp.PyTreeCheckpointer() as ckptr:
+      ckptr.save(os.path.join(tmp, PARAMS_NAME), params)
+    with open(os.path.join(tmp, CONFIG_NAME), 'w') as f:
+      json.dump(config, f, indent=2, sort_keys=True)
+    if os.path.exists(directory):
+      shutil.rmtree(directory)
+    os.replace(tmp, directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def load_config(directory: str) -> dict:
+  """Reads the architecture config of a model directory, with a clear error if absent."""
+  path = os.path.join(directory, CONFIG_NAME)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f'{directory}: not a converted model directory (no {CONFIG_NAME}); '
+        'convert the checkpoint first with python -m checkpoints_convert.<family>')
+  with open(path) as f:
+    return json.load(f)
+
+
+def load_model(directory: str) -> tuple[Any, dict]:
+  """Returns ``(params, config)`` of a model directory written by ``save_model``."""
+  config = load_config(directory)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    params = ckptr.restore(os.path.join(os.path.abspath(directory), PARAMS_NAME))
+  return params, config
