@@ -1,0 +1,123 @@
+"""Shared defaults of every experiment; the per-data-set files override what changes.
+
+A data-set file takes the method and flags as its config argument, as big_vision's
+configs do: ``--config=configs/cifar10.py:isir``, ``configs/cifar10.py:dg,cond``,
+``configs/testbed.py:isir,tiny``. Any field can then be overridden from the command
+line, e.g. ``--config.sampler.num_steps=8``.
+
+Sampler settings are passed unchanged to ``isir_jax.samplers.get_sampler(name)``;
+their defaults are the reference implementations' (EDM ``generate.py``, DG
+``generate.py``, DiffRS ``generate_diffrs.py``, the seed's ``isir_code.py``).
+"""
+
+import ml_collections
+
+# Config-argument tokens naming a sampler setting (see `sampler_config`).
+METHODS = ('edm', 'dg', 'diffrs', 'isir', 'isir_stochastic')
+
+
+def parse_arg(arg: str | None, filename: str, flags: tuple[str, ...],
+              default_method: str) -> tuple[str, set[str]]:
+  """Splits a config argument ``method[,flag...]`` into the method and the flags.
+
+  Args:
+    arg: the text after ``:`` in ``--config=FILE:ARG`` (None or '' for defaults).
+    filename: the config file, for error messages.
+    flags: the flags this file accepts (e.g. ``('cond', 'tiny')``).
+    default_method: the method when the argument names none.
+
+  Returns:
+    ``(method, set of flags)``.
+  """
+  tokens = [t.strip() for t in (arg or '').split(',') if t.strip()]
+  methods = [t for t in tokens if t in METHODS]
+  unknown = [t for t in tokens if t not in METHODS and t not in flags]
+  if unknown or len(methods) > 1:
+    raise ValueError(
+        f'{filename}: bad config argument {arg!r}; expected one method of '
+        f'{"|".join(METHODS)} and optional flags {",".join(flags)}')
+  return (methods[0] if methods else default_method), set(tokens) - set(methods)
+
+
+def sampler_config(method: str) -> ml_collections.ConfigDict:
+  """The reference settings of a method, as ``config.sampler``."""
+  s = ml_collections.ConfigDict()
+  s.name = method.split('_')[0]   # sampler registry name: edm | dg | diffrs | isir
+  # Karras time steps (EDM Eq. 5) and the Heun sampler with churn (EDM Alg. 2).
+  s.num_steps = 18                # sampling steps; 18 steps of Heun = 35 NFE
+  s.sigma_min = 0.002             # lowest noise level (clipped to the network's range)
+  s.sigma_max = 80.0              # highest noise level (clipped to the network's range)
+  s.rho = 7.0                     # time step exponent
+  s.S_churn = 0.0                 # stochasticity strength (0: deterministic ODE steps)
+  s.S_min = 0.0                   # churn only where S_min <= t_i <= S_max
+  s.S_max = float('inf')
+  s.S_noise = 1.0                 # noise inflation of the churn
+  if s.name in ('dg', 'diffrs', 'isir'):
+    # VP time window where the discriminator acts (DG's --time_min/--time_max).
+    s.time_min = 0.01
+    s.time_max = 1.0
+  if s.name == 'dg':
+    s.w1 = 2.0                    # DG weight in the Euler part (EDM-G++: 2)
+    s.w2 = 0.0                    # DG weight in the Heun correction
+  if s.name == 'diffrs':
+    s.rej_percentile = 0.75       # quantile of the warm-up log-ratio increments -> thresholds M_i
+    s.backsteps = 1               # levels re-noised back after a rejection
+    s.max_iter = 105              # NFE cap per sample; past it the sample restarts from noise
+    s.warmup_batches = 10         # batches of plain sampling that estimate the thresholds
+  if s.name == 'isir':
+    # As the seed ran it (isir_code.py, --cnt_inner_steps=5 --isir_batch=5, S_churn 0):
+    # deterministic Heun proposals, so only the initial-latent selection acts.
+    s.N = 5                       # i-SIR candidates per iteration
+    s.K = 5                       # i-SIR iterations per step
+  if method == 'isir_stochastic':
+    # Recommended: stochastic proposals (churn) so every step's i-SIR acts;
+    # 2 (N + (K-1)(N-1)) = 14 NFE per step. A starting point, not tuned for FID.
+    s.N = 4
+    s.K = 2
+    s.S_churn = 5.0
+    s.S_min = 0.01
+    s.S_max = 50.0
+  return s
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Defaults shared by every experiment (EDM sampling on converted checkpoints)."""
+  config = ml_collections.ConfigDict()
+  config.name = 'default'         # run name; the default --workdir is workdir/<name>
+  config.seed = 0                 # sample i is drawn from fold_in(key(seed), i)
+  config.distributed = False      # join a multi-host job with jax.distributed.initialize()
+
+  config.model = ml_collections.ConfigDict()
+  config.model.kind = 'checkpoint'   # 'checkpoint': the converted dirs below; 'testbed': exact mixture
+  config.model.denoiser = ''         # converted EDM network dir (python -m checkpoints_convert.edm)
+  config.model.discriminator = ''    # converted DG discriminator dir (dg, diffrs, isir only)
+  config.model.conditional = False   # class-conditional sampling; must match both networks
+
+  config.sampler = sampler_config('edm')
+
+  config.sample = ml_collections.ConfigDict()
+  config.sample.num_samples = 50000  # images to generate (a rerun with more extends the set)
+  config.sample.batch_size = 500     # global batch = images per shard samples_{k}.npz
+  config.sample.class_idx = -1       # conditional only: fixed class, or -1 for uniform random
+
+  config.fid = ml_collections.ConfigDict()
+  config.fid.inception = ''          # converted Inception dir (python -m checkpoints_convert.inception)
+  config.fid.ref_stats = ''          # reference statistics npz (mu, sigma), e.g. EDM's cifar10-32x32.npz
+  config.fid.dataset = ''            # fid_stats mode: images (dir of npz shards / PNGs) to compute ref_stats from
+  config.fid.batch_size = 250        # Inception batch size
+  return config
+
+
+def apply_tiny(config: ml_collections.ConfigDict) -> None:
+  """Shrinks a config to seconds on a CPU, for tests and CI (the `tiny` flag)."""
+  config.name += '-tiny'
+  config.sample.num_samples = 8
+  config.sample.batch_size = 4
+  config.sampler.num_steps = 4
+  config.fid.batch_size = 4
+  if config.sampler.name == 'isir':
+    config.sampler.N = 2
+    config.sampler.K = 2
+  if config.sampler.name == 'diffrs':
+    config.sampler.warmup_batches = 1
+    config.sampler.max_iter = 20
