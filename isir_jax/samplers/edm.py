@@ -1,0 +1,199 @@
+"""The EDM sampler (Karras et al. 2022, Alg. 2) and the one step function all samplers share.
+
+`edm_step` is the single parametrised reverse step: churn, Euler, optional Heun correction,
+optional discriminator-guidance terms. EDM, DG, DiffRS and the ISIR proposals all call it.
+"""
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from isir_jax.samplers import schedule
+
+Array = jax.Array
+# guide(x, sigma) -> (correction added to the ODE direction d, auxiliary output).
+Guide = Callable[[Array, Array], tuple[Array, Any]]
+
+
+def _rows(v: Array, x: Array) -> Array:
+  """Broadcasts a per-row [R] (or scalar) value against x [R, ...]."""
+  v = jnp.asarray(v, x.dtype)
+  return v.reshape(v.shape + (1,) * (x.ndim - v.ndim)) if v.ndim else v
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+  """Static settings of the EDM discretisation and step (names as in EDM's generate.py)."""
+  num_steps: int = 18
+  sigma_min: float = 0.002
+  sigma_max: float = 80.0
+  rho: float = 7.0
+  solver: str = 'heun'
+  S_churn: float = 0.0
+  S_min: float = 0.0
+  S_max: float = float('inf')
+  S_noise: float = 1.0
+
+  def __post_init__(self):
+    if self.solver not in ('heun', 'euler'):
+      raise ValueError(f"samplers: solver must be 'heun' or 'euler', got {self.solver!r}")
+    if self.num_steps < 2:
+      raise ValueError(f'samplers: num_steps must be >= 2, got {self.num_steps}')
+    if self.S_churn < 0:
+      raise ValueError(f'samplers: S_churn must be >= 0, got {self.S_churn}')
+
+  @property
+  def heun(self) -> bool:
+    return self.solver == 'heun'
+
+  @property
+  def stochastic(self) -> bool:
+    """Whether the step draws noise (churn acts at some noise level)."""
+    return self.S_churn > 0 and self.S_noise != 0 and self.S_min <= self.S_max
+
+  def sigmas(self, denoiser) -> Array:
+    """The [n + 1] noise levels ``t_0 .. t_{n-1}, 0`` for this denoiser."""
+    lo, hi = schedule.sigma_range(denoiser, self.sigma_min, self.sigma_max)
+    return schedule.karras_sigmas(self.num_steps, lo, hi, self.rho, denoiser.round_sigma)
+
+  def gamma(self, t_cur: Array, S_churn=None) -> Array:
+    return schedule.churn_gamma(t_cur, self.S_churn if S_churn is None else S_churn,
+                                self.num_steps, self.S_min, self.S_max)
+
+  def nfe(self, step: int) -> int:
+    """Denoiser evaluations of one step: 2 with Heun, 1 for Euler and for the last step."""
+    return 2 if self.heun and step < self.num_steps - 1 else 1
+
+
+def split_settings(settings: dict) -> tuple[StepSettings, dict]:
+  """Separates the `StepSettings` fields from a sampler's other settings."""
+  names = {f.name for f in dataclasses.fields(StepSettings)}
+  step = StepSettings(**{k: v for k, v in settings.items() if k in names})
+  return step, {k: v for k, v in settings.items() if k not in names}
+
+
+def edm_step(denoiser, x: Array, t_cur: Array, t_next: Array, eps: Optional[Array],
+             class_labels: Optional[Array] = None, *, gamma: Array, S_noise=1.0,
+             heun=True, guide1: Optional[Guide] = None,
+             guide2: Optional[Guide] = None) -> tuple[Array, Any]:
+  """One EDM reverse step per row, from ``t_cur`` to ``t_next`` (EDM Alg. 2, lines 4-8).
+
+  Args:
+    denoiser: the `Denoiser`.
+    x: current states [R, ...].
+    t_cur, t_next: per-row noise levels [R].
+    eps: standard normal churn noise like ``x``, or None for a deterministic step.
+    class_labels: [R, label_dim] or None.
+    gamma: per-row churn factor [R] (`StepSettings.gamma`).
+    S_noise: churn noise inflation, scalar or [R].
+    heun: static bool, or a per-row bool [R] (rows with ``t_next = 0`` must be False:
+      their correction is computed at a dummy level and discarded).
+    guide1: DG term at ``(x_hat, t_hat)``, added to the Euler direction (EDM-G++).
+    guide2: DG term at ``(x_next, t_next)``, added to the Heun direction.
+
+  Returns:
+    ``(x_next, aux)`` with ``aux`` the auxiliary output of ``guide1`` (None without it).
+  """
+  # Churn: raise the noise level to t_hat and add the matching noise (lines 4-6).
+  t_hat = denoiser.round_sigma(t_cur * (1 + gamma))
+  if eps is None:
+    x_hat = x
+  else:
+    x_hat = x + _rows(jnp.sqrt(jnp.maximum(t_hat ** 2 - t_cur ** 2, 0.0)) * S_noise, x) * eps
+  # Euler step (line 7-8).
+  d = (x_hat - denoiser(x_hat, t_hat, class_labels)) / _rows(t_hat, x)
+  aux = None
+  if guide1 is not None:
+    delta, aux = guide1(x_hat, t_hat)
+    d = d + delta
+  x_next = x_hat + _rows(t_next - t_hat, x) * d
+  if heun is False:
+    return x_next, aux
+  # Heun correction (lines 9-11); rows without it get a safe dummy level.
+  t2 = t_next if heun is True else jnp.where(heun, t_next, 1.0)
+  d2 = (x_next - denoiser(x_next, t2, class_labels)) / _rows(t2, x)
+  if guide2 is not None:
+    d2 = d2 + guide2(x_next, t2)[0]
+  x_heun = x_hat + _rows(t_next - t_hat, x) * (0.5 * d + 0.5 * d2)
+  if heun is True:
+    return x_heun, aux
+  return jnp.where(_rows(heun, x), x_heun, x_next), aux
+
+
+def run_steps(body: Callable, carry, step: StepSettings):
+  """Runs ``body(carry, i, heun) -> carry`` for i = 0..n-1 as one ``lax.scan``.
+
+  Steps 0..n-2 use the configured solver, the last step (to ``t_n = 0``) is Euler, so no
+  evaluation is wasted at sigma = 0.
+  """
+  carry, _ = lax.scan(lambda c, i: (body(c, i, step.heun), None), carry,
+                      jnp.arange(step.num_steps - 1))
+  return body(carry, step.num_steps - 1, False)
+
+
+def full_rows(v: Array, rows: int) -> Array:
+  return jnp.full([rows], v, jnp.float32)
+
+
+def edm_sample(denoiser, keys: Array, class_labels: Optional[Array] = None,
+               latents: Optional[Array] = None, *, shape, **settings) -> tuple[Array, dict]:
+  """EDM sampling: deterministic Heun/Euler ODE, or stochastic with churn (EDM Alg. 2).
+
+  Args:
+    denoiser: a `Denoiser` (see isir_jax/types.py).
+    keys: [B] keys, one per sample; step i's noise comes from ``fold_in(keys[b], i)``.
+    class_labels: [B, label_dim] one-hot, or None.
+    latents: optional [B, *shape] standard normal latents (default: from each key).
+    shape: static image shape (H, W, C).
+    **settings: `StepSettings` fields (num_steps, sigma_min, sigma_max, rho, solver,
+      S_churn, S_min, S_max, S_noise).
+
+  Returns:
+    images [B, *shape] (EDM scale, unclipped) and stats {'nfe': [B]}.
+  """
+  step = _parse(settings)
+  t = step.sigmas(denoiser)
+  batch = keys.shape[0]
+  x0 = schedule.initial_latents(keys, shape, latents) * t[0]
+
+  def body(x, i, heun):
+    t_cur, t_next = full_rows(t[i], batch), full_rows(t[i + 1], batch)
+    eps = None
+    if step.stochastic:
+      eps = schedule.batch_normal(jax.vmap(lambda k: schedule.step_key(k, i))(keys), 0, shape)
+    x, _ = edm_step(denoiser, x, t_cur, t_next, eps, class_labels, gamma=step.gamma(t_cur),
+                    S_noise=step.S_noise, heun=heun)
+    return x
+
+  x = run_steps(body, x0, step)
+  nfe = sum(step.nfe(i) for i in range(step.num_steps))
+  return x, {'nfe': jnp.full([batch], nfe, jnp.int32)}
+
+
+def make_sampler(sample: Callable, parse: Callable[[dict], Any], denoiser, discriminator=None,
+                 *, shape, **settings) -> Callable:
+  """Binds a sampler's model(s) and static settings: ``sample_fn(keys, class_labels, latents)``.
+
+  ``parse(settings)`` validates the settings now, so mistakes surface at construction.
+  A discriminator is passed on only when given (EDM takes none).
+  """
+  parse(settings)
+  args = (denoiser,) if discriminator is None else (denoiser, discriminator)
+  return functools.partial(sample, *args, shape=tuple(shape), **settings)
+
+
+def _parse(settings: dict) -> StepSettings:
+  step, rest = split_settings(settings)
+  if rest:
+    raise TypeError(f'edm sampler: unknown settings {sorted(rest)}')
+  return step
+
+
+def edm_sampler(denoiser, discriminator=None, *, shape, **settings) -> Callable:
+  """Registry factory: ``edm_sampler(denoiser, shape=...)(keys) -> (images, stats)``."""
+  del discriminator  # EDM does not use one.
+  return make_sampler(edm_sample, _parse, denoiser, shape=shape, **settings)
