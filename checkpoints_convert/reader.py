@@ -224,19 +224,25 @@ def _widen_bfloat16(bits: np.ndarray) -> np.ndarray:
   return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def _to_python(value: Any) -> Any:
+def _to_python(value: Any, memo: dict | None = None) -> Any:
   """Turns numpy scalars into Python numbers, recursively through containers."""
-  if isinstance(value, np.generic):
-    return value.item()
-  if isinstance(value, dict):
-    return {k: _to_python(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return type(value)(_to_python(v) for v in value)
-  return value
+  memo = {} if memo is None else memo
+  if id(value) not in memo:
+    if isinstance(value, np.generic):
+      result = value.item()
+    elif isinstance(value, dict):
+      result = {k: _to_python(v, memo) for k, v in value.items()}
+    elif isinstance(value, (list, tuple)):
+      result = type(value)(_to_python(v, memo) for v in value)
+    else:
+      result = value
+    memo[id(value)] = result
+  return memo[id(value)]
 
 
 def _short(value: Any, limit: int = 80) -> str:
-  text = repr(value)
+  """A repr (or, for strings, the text) cut to ``limit`` characters on one line."""
+  text = ' '.join(value.split()) if isinstance(value, str) else repr(value)
   return text if len(text) <= limit else text[:limit] + '...'
 
 
@@ -262,7 +268,7 @@ def _strided(data: np.ndarray, offset: int, size: tuple, stride: tuple) -> np.nd
   view = np.lib.stride_tricks.as_strided(
       data[offset:], shape=size, strides=[s * data.dtype.itemsize for s in stride],
       writeable=False)
-  return view.astype(native, copy=True)
+  return np.array(view, dtype=native, order='C', copy=True)
 
 
 # ---------------------------------------------------------------------------
@@ -429,13 +435,28 @@ def _tensor(storage, offset, size, stride, torch_dtype: _TorchDType | None = Non
   return build() if storage.array() is not None else _PendingTensor(build)
 
 
-def _resolve_pending(obj: Any, seen: set | None = None) -> Any:
-  """Replaces every _PendingTensor inside containers and ModuleRecords, in place."""
-  seen = set() if seen is None else seen
+def _resolve_pending(obj: Any, memo: dict | None = None) -> Any:
+  """Replaces every _PendingTensor inside containers and ModuleRecords, in place.
+
+  ``memo`` maps ``id`` to result, so shared sub-structures are visited once.
+  """
+  memo = {} if memo is None else memo
+  if id(obj) in memo:
+    return memo[id(obj)]
+  memo[id(obj)] = obj
   if isinstance(obj, _PendingTensor):
-    return obj.build()
-  if id(obj) in seen:
-    return obj
+    memo[id(obj)] = obj.build()
+  elif isinstance(obj, dict):
+    for key, value in obj.items():
+      obj[key] = _resolve_pending(value, memo)
+  elif isinstance(obj, list):
+    obj[:] = [_resolve_pending(v, memo) for v in obj]
+  elif isinstance(obj, tuple):
+    memo[id(obj)] = type(obj)(_resolve_pending(v, memo) for v in obj)
+  elif isinstance(obj, ModuleRecord):
+    for name in ('state', 'init_kwargs', 'init_args'):
+      setattr(obj, name, _resolve_pending(getattr(obj, name), memo))
+  return memo[id(obj)]
   if isinstance(obj, (dict, list, ModuleRecord)):
     seen.add(id(obj))
   if isinstance(obj, dict):
@@ -600,13 +621,13 @@ def read_checkpoint(path: str) -> Any:
   try:
     return _read_any(path)
   except CheckpointError as e:
-    raise CheckpointError(' '.join(str(e).split())) from None
+    raise CheckpointError(_short(str(e), 1000)) from None
   except (pickle.UnpicklingError, EOFError) as e:
     raise CheckpointError(
-        f'{path}: truncated file or not a pickle ({" ".join(str(e).split())})') from None
+        f'{path}: truncated file or not a pickle ({_short(str(e), 200)})') from None
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(f'{path}: malformed checkpoint ({type(e).__name__}: '
-                          f'{_short(" ".join(str(e).split()), 200)})') from None
+                          f'{_short(str(e), 200)})') from None
 
 
 def read_network_pickle(path: str) -> dict:
