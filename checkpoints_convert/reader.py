@@ -55,6 +55,8 @@ _TORCH_DTYPES = {
 
 # numpy dtype kinds a checkpoint may hold: bool, ints, floats, complex. Never object.
 _NUMERIC_KINDS = frozenset('biufc')
+# A tensor may repeat storage elements (zero strides), but not without bound.
+_MAX_EXPANSION = 1024
 _TORCH_NN_MODULE = re.compile(r'torch\.nn\.modules\.[a-z_]+\.[A-Z][A-Za-z0-9_]*')
 
 
@@ -74,7 +76,10 @@ class ModuleRecord:
     init_args: the persistence ``_init_args`` (usually empty).
     state: the module ``__dict__``: ``_parameters``, ``_buffers``, ``_modules``
       and plain attributes, tensors as numpy arrays.
+    source: the checkpoint file it was read from, named in errors.
   """
+
+  source = '<checkpoint>'
 
   def __init__(self, class_name: str, state: dict, init_kwargs: dict | None = None,
                init_args: tuple = ()):
@@ -96,20 +101,24 @@ class ModuleRecord:
     """
     out = {}
 
-    def visit(record, prefix):
+    def visit(record, prefix, parents):
+      if id(record) in parents:
+        raise CheckpointError(f'{self.source}: module {prefix[:-1]!r} contains itself')
       state = record.state
-      for name, value in (state.get('_parameters') or {}).items():
-        if value is not None:
-          out[prefix + name] = value
       skipped = state.get('_non_persistent_buffers_set') or set()
-      for name, value in (state.get('_buffers') or {}).items():
-        if value is not None and name not in skipped:
+      tensors = [*(state.get('_parameters') or {}).items(),
+                 *((k, v) for k, v in (state.get('_buffers') or {}).items() if k not in skipped)]
+      for name, value in tensors:
+        if value is not None and not isinstance(value, np.ndarray):
+          raise CheckpointError(f'{self.source}: {prefix + name} of {record.class_name} is a '
+                                f'{type(value).__name__}, not a tensor')
+        if value is not None:
           out[prefix + name] = value
       for name, child in (state.get('_modules') or {}).items():
         if isinstance(child, ModuleRecord):
-          visit(child, prefix + name + '.')
+          visit(child, f'{prefix}{name}.', parents | {id(record)})
 
-    visit(self, '')
+    visit(self, '', frozenset())
     return out
 
   def submodule(self, dotted: str) -> 'ModuleRecord':
@@ -120,8 +129,8 @@ class ModuleRecord:
       child = children.get(part)
       if not isinstance(child, ModuleRecord):
         raise CheckpointError(
-            f"no submodule {part!r} in {record.class_name} while resolving {dotted!r} "
-            f"(children: {', '.join(children) or 'none'})")
+            f'{self.source}: no submodule {part!r} in {record.class_name} while resolving '
+            f"{dotted!r} (children: {', '.join(children) or 'none'})")
       record = child
     return record
 
@@ -225,7 +234,10 @@ def _widen_bfloat16(bits: np.ndarray) -> np.ndarray:
 
 
 def _to_python(value: Any, memo: dict | None = None) -> Any:
-  """Turns numpy scalars into Python numbers, recursively through containers."""
+  """Turns numpy scalars into Python numbers, recursively through containers.
+
+  ``memo`` maps ``id(value)`` to ``(value, result)`` so shared parts are converted once.
+  """
   memo = {} if memo is None else memo
   if id(value) not in memo:
     if isinstance(value, np.generic):
@@ -236,8 +248,8 @@ def _to_python(value: Any, memo: dict | None = None) -> Any:
       result = type(value)(_to_python(v, memo) for v in value)
     else:
       result = value
-    memo[id(value)] = result
-  return memo[id(value)]
+    memo[id(value)] = (value, result)
+  return memo[id(value)][1]
 
 
 def _short(value: Any, limit: int = 80) -> str:
@@ -259,8 +271,12 @@ def _strided(data: np.ndarray, offset: int, size: tuple, stride: tuple) -> np.nd
   Bounds are checked first, so a hostile header cannot read outside the storage.
   """
   native = data.dtype.newbyteorder('=')
-  if math.prod(size) == 0:
+  numel = math.prod(size)
+  if numel == 0:
     return np.zeros(size, native)
+  if numel > _MAX_EXPANSION * data.shape[0]:
+    raise ValueError(f'tensor of size {size} is over {_MAX_EXPANSION}x its storage of '
+                     f'{data.shape[0]} elements')
   last = offset + sum((n - 1) * s for n, s in zip(size, stride))
   if last >= data.shape[0]:
     raise ValueError(f'tensor of size {size}, stride {stride}, offset {offset} reads '
@@ -334,10 +350,10 @@ class _Unpickler(pickle.Unpickler):
     """``torch_utils.persistence._reconstruct_persistent_obj`` -> ModuleRecord."""
     if not isinstance(meta, dict) or meta.get('type') != 'class':
       raise ValueError(f'persistent object meta is not a class record: {_short(meta)}')
-    class_name, state = meta.get('class_name'), meta.get('state')
-    if not isinstance(class_name, str) or not isinstance(state, dict):
-      raise ValueError(f'persistent object {_short(class_name)} has no class name or state')
-    state = dict(state)
+    class_name = meta.get('class_name')
+    if not isinstance(class_name, str):
+      raise ValueError(f'persistent object class name {_short(class_name)} is not a string')
+    state = _check_module_state(class_name, meta.get('state'))
     return ModuleRecord(class_name, state,
                         init_kwargs=_to_python(dict(state.get('_init_kwargs') or {})),
                         init_args=_to_python(tuple(state.get('_init_args') or ())))
@@ -362,6 +378,16 @@ class _Unpickler(pickle.Unpickler):
     if not isinstance(storage, _Storage):
       raise ValueError(f'storage blob holds {type(storage).__name__}, not a storage')
     return storage
+
+
+def _check_module_state(class_name: str, state: Any) -> dict:
+  """A module ``__dict__`` whose torch bookkeeping fields are dicts."""
+  if not isinstance(state, dict):
+    raise ValueError(f'{class_name} state is a {type(state).__name__}, not a dict')
+  for field in ('_parameters', '_buffers', '_modules'):
+    if not isinstance(state.get(field, {}), dict):
+      raise ValueError(f'{class_name}.{field} is a {type(state[field]).__name__}, not a dict')
+  return dict(state)
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
@@ -397,9 +423,7 @@ def _torch_module_class(qualified: str) -> type:
     raise TypeError(f'{qualified} cannot be called from a checkpoint')
 
   def __setstate__(self, state):
-    if not isinstance(state, dict):
-      raise ValueError(f'{qualified} state is {type(state).__name__}, not a dict')
-    self.state = dict(state)
+    self.state = _check_module_state(qualified, state)
 
   return type(qualified.rsplit('.', 1)[1], (ModuleRecord,), {
       '__new__': __new__, '__init__': __init__, '__setstate__': __setstate__})
@@ -435,40 +459,30 @@ def _tensor(storage, offset, size, stride, torch_dtype: _TorchDType | None = Non
   return build() if storage.array() is not None else _PendingTensor(build)
 
 
-def _resolve_pending(obj: Any, memo: dict | None = None) -> Any:
-  """Replaces every _PendingTensor inside containers and ModuleRecords, in place.
+def _finish(obj: Any, source: str, memo: dict | None = None) -> Any:
+  """Builds every _PendingTensor and tags every ModuleRecord with its file, in place.
 
-  ``memo`` maps ``id`` to result, so shared sub-structures are visited once.
+  ``memo`` maps ``id(obj)`` to ``(obj, result)``, so shared sub-structures are
+  visited once (and the originals stay alive while their ids are keys).
   """
   memo = {} if memo is None else memo
   if id(obj) in memo:
-    return memo[id(obj)]
-  memo[id(obj)] = obj
+    return memo[id(obj)][1]
+  memo[id(obj)] = (obj, obj)
   if isinstance(obj, _PendingTensor):
-    memo[id(obj)] = obj.build()
+    memo[id(obj)] = (obj, obj.build())
   elif isinstance(obj, dict):
     for key, value in obj.items():
-      obj[key] = _resolve_pending(value, memo)
+      obj[key] = _finish(value, source, memo)
   elif isinstance(obj, list):
-    obj[:] = [_resolve_pending(v, memo) for v in obj]
+    obj[:] = [_finish(v, source, memo) for v in obj]
   elif isinstance(obj, tuple):
-    memo[id(obj)] = type(obj)(_resolve_pending(v, memo) for v in obj)
+    memo[id(obj)] = (obj, type(obj)(_finish(v, source, memo) for v in obj))
   elif isinstance(obj, ModuleRecord):
+    obj.source = source
     for name in ('state', 'init_kwargs', 'init_args'):
-      setattr(obj, name, _resolve_pending(getattr(obj, name), memo))
-  return memo[id(obj)]
-  if isinstance(obj, (dict, list, ModuleRecord)):
-    seen.add(id(obj))
-  if isinstance(obj, dict):
-    for key, value in obj.items():
-      obj[key] = _resolve_pending(value, seen)
-  elif isinstance(obj, list):
-    obj[:] = [_resolve_pending(v, seen) for v in obj]
-  elif isinstance(obj, tuple):
-    return type(obj)(_resolve_pending(v, seen) for v in obj)
-  elif isinstance(obj, ModuleRecord):
-    _resolve_pending(obj.state, seen)
-  return obj
+      setattr(obj, name, _finish(getattr(obj, name), source, memo))
+  return memo[id(obj)][1]
 
 
 # ---------------------------------------------------------------------------
@@ -501,7 +515,7 @@ def _read_legacy(raw: bytes, path: str) -> Any:
     path: named in errors.
 
   Returns:
-    The saved object with every tensor as a numpy array.
+    The saved object; tensors are _PendingTensors until :func:`_finish`.
   """
   stream = io.BytesIO(raw)
   load = lambda persistent=None: _Unpickler(stream, path, persistent).load()
@@ -551,7 +565,7 @@ def _read_legacy(raw: bytes, path: str) -> Any:
           f'{storage.numel} expected, {len(raw) - position - 8} bytes left)')
     storage.data = np.frombuffer(raw, storage.dtype, numel, position + 8)
     position = end
-  return _resolve_pending(result)
+  return result
 
 
 def _read_zip(path: str) -> Any:
@@ -619,7 +633,7 @@ def read_checkpoint(path: str) -> Any:
       global outside the allowlist.
   """
   try:
-    return _read_any(path)
+    return _finish(_read_any(path), path)
   except CheckpointError as e:
     raise CheckpointError(_short(str(e), 1000)) from None
   except (pickle.UnpicklingError, EOFError) as e:

@@ -98,13 +98,14 @@ def dumps(obj, protocol: int = 4) -> bytes:
   return buf.getvalue()
 
 
-def legacy_stream(obj, storages: dict[str, np.ndarray]) -> bytes:
+def legacy_stream(obj, storages: dict[str, np.ndarray], byteorder: str = '<') -> bytes:
   """A legacy torch.save stream: header pickles, object, keys, raw storages."""
-  header = [LEGACY_MAGIC, 1001, dict(protocol_version=1001, little_endian=True,
+  header = [LEGACY_MAGIC, 1001, dict(protocol_version=1001, little_endian=byteorder == '<',
                                       type_sizes=dict(short=2, int=4, long=4))]
   parts = [dumps(x, 2) for x in header] + [dumps(obj, 2), dumps(list(storages), 2)]
   for data in storages.values():
-    parts += [np.int64(data.size).tobytes(), data.astype(data.dtype.newbyteorder('<')).tobytes()]
+    parts += [np.array(data.size, f'{byteorder}i8').tobytes(),
+              data.astype(data.dtype.newbyteorder(byteorder)).tobytes()]
   return b''.join(parts)
 
 
@@ -223,6 +224,42 @@ def test_storage_blob_and_strided_view(tmp_path):
   np.testing.assert_array_equal(got['weight'], [[1, 5], [2, 6], [3, 7]])
 
 
+@pytest.mark.parametrize('byteorder', ['<', '>'])
+def test_legacy_byte_order(tmp_path, byteorder):
+  storages = {'a': np.array([1.5, -2.25, 3.0], np.float64), 'b': np.array([7, -8], np.int32)}
+  sd = {'a': tensor(Storage('torch.DoubleStorage', 'a', 3), 0, (3,), (1,)),
+        'b': tensor(Storage('torch.IntStorage', 'b', 2), 1, (1,), (1,))}
+  path = write(tmp_path, 'sd.pt', legacy_stream(sd, storages, byteorder))
+  got = reader.read_state_dict(path)
+  assert got['a'].dtype == np.float64 and got['a'].dtype.isnative
+  np.testing.assert_array_equal(got['a'], storages['a'])
+  np.testing.assert_array_equal(got['b'], [-8])
+
+
+def test_protocol2_containers(tmp_path):
+  kwargs = Call(Global('dnnlib.util.EasyDict'), [('path', 'x.zip')])
+  state = module_state(_init_kwargs={'dataset': kwargs},
+                       tags=Call(Global('__builtin__.set'), ['a', 'b']))
+  path = write(tmp_path, 'net.pkl', dumps({'ema': persistent('EDMPrecond', state)}, 2))
+  ema = reader.read_network_pickle(path)['ema']
+  assert ema.init_kwargs == {'dataset': {'path': 'x.zip'}}
+  assert ema.state['tags'] == {'a', 'b'}
+  assert ema.source == path
+
+
+def test_shared_structure_is_visited_once(tmp_path):
+  # 64 levels of (t, t): walking it naively would take 2**64 steps.
+  shared = tensor(Storage('torch.FloatStorage', '0', 1), 0, (), ())
+  for _ in range(64):
+    shared = (shared, shared)
+  path = write(tmp_path, 'sd.pt', legacy_stream({'deep': shared}, {'0': np.ones(1, np.float32)}))
+  leaf = reader.read_checkpoint(path)['deep']
+  for _ in range(64):
+    assert leaf[0] is leaf[1]
+    leaf = leaf[0]
+  assert leaf.shape == () and leaf == 1.0
+
+
 def test_nested_state_dict_needs_key(tmp_path):
   blob = {'0': np.array([1.5, -2.0], np.float32)}
   sd = {'w': tensor(Storage('torch.FloatStorage', '0', 2), 0, (2,), (1,))}
@@ -297,9 +334,16 @@ def test_module_src_is_not_executed(tmp_path):
   assert ema.class_name == 'EDMPrecond' and ema.state_dict() == {}
 
 
-@pytest.mark.parametrize('case', ['past_end', 'negative_stride', 'object_dtype', 'torch_module_call',
-                                  'short_storage', 'bad_persistent_id'])
-def test_malformed_structures_refused(tmp_path, case):
+@pytest.mark.parametrize('case, message', [
+    ('past_end', 'reads past its storage of 4 elements'),
+    ('negative_stride', 'stride (-1,) is not a tuple of non-negative ints'),
+    ('object_dtype', "numpy dtype 'O' is not a plain numeric dtype"),
+    ('torch_module_call', 'torch.nn.modules.linear.Linear cannot be called'),
+    ('short_storage', "corrupt storage '0' (4 elements recorded, 8 expected"),
+    ('bad_persistent_id', 'unsupported persistent id'),
+    ('expansion_bomb', 'is over 1024x its storage of 4 elements'),
+])
+def test_malformed_structures_refused(tmp_path, case, message):
   data = {'0': np.zeros(4, np.float32)}
   storage = Storage('torch.FloatStorage', '0', 4)
   objects = {
@@ -310,13 +354,14 @@ def test_malformed_structures_refused(tmp_path, case):
       'torch_module_call': Call(Global('torch.nn.modules.linear.Linear'), 3, 4),
       'short_storage': tensor(Storage('torch.FloatStorage', '0', 8), 0, (8,), (1,)),
       'bad_persistent_id': Storage('torch.FloatStorage', '0', 4, legacy=True),
+      'expansion_bomb': tensor(storage, 0, (1 << 20, 1 << 20), (0, 0)),
   }
   if case == 'bad_persistent_id':
     objects[case].pid = ('module', Global('torch.FloatStorage'), 'x', 'y')
   path = write(tmp_path, 'bad.pt', legacy_stream({'w': objects[case]}, data))
   with pytest.raises(reader.CheckpointError) as excinfo:
     reader.read_state_dict(path)
-  one_line_error(excinfo, path)
+  assert message in one_line_error(excinfo, path)
 
 
 # ---------------------------------------------------------------------------
@@ -377,6 +422,20 @@ def test_get_network_missing_ema():
                                 "'augment_pipe', 'dataset_kwargs')")
   with pytest.raises(reader.CheckpointError, match="entry 'dataset_kwargs' is a dict, not a network"):
     reader.get_network(data, 'dataset_kwargs', 'snap.pkl')
+
+
+@pytest.mark.parametrize('case', ['not_a_tensor', 'self_loop'])
+def test_module_record_state_errors(tmp_path, case):
+  state = module_state(parameters={'weight': 3} if case == 'not_a_tensor' else {})
+  path = write(tmp_path, 'net.pkl', dumps({'ema': persistent('Linear', state)}))
+  ema = reader.read_network_pickle(path)['ema']
+  if case == 'self_loop':
+    ema.state['_modules']['me'] = ema
+  with pytest.raises(reader.CheckpointError) as excinfo:
+    ema.state_dict()
+  message = one_line_error(excinfo, path)
+  assert ('weight of Linear is a int, not a tensor' in message if case == 'not_a_tensor'
+          else "module 'me' contains itself" in message)
 
 
 def test_main_guard_prints_one_line(capsys):
