@@ -1,0 +1,100 @@
+"""The bundled handwritten-digits demo: 8x8 digits, small trained networks, four methods.
+
+``--config=configs/digits.py[:METHOD][,tiny]``: METHOD (edm | dg | diffrs | isir |
+isir_stochastic, default isir_stochastic) sets ``config.sampler`` for ``--mode=sample``;
+``--mode=demo`` samples with every method of ``config.demo.methods`` and prints a
+table. The models are the committed assets under ``isir_jax/assets/digits/``,
+reproduced by the ``--mode=train_*`` commands of the README (in that order):
+
+  train_feature_net     clean-digit classifier whose features define FD-digits
+  train_denoiser        EDM denoiser (small SongUNet, EDM precond, EMA)
+  train_classifier      noisy time-dependent classifier (ADM encoder, VP times)
+  sample (method edm)   generated digits for the discriminator (train.discriminator.gen_dir)
+  train_discriminator   DG head on the frozen classifier features, real vs generated
+"""
+
+import os
+
+import ml_collections
+
+from configs import default
+
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      'isir_jax', 'assets', 'digits')
+
+
+def _encoder(**kw) -> ml_collections.ConfigDict:
+  """ADM EncoderUNetModel kwargs (tiny versions of DG's classifier and head)."""
+  base = dict(num_res_blocks=1, num_heads=1, num_head_channels=32,
+              use_scale_shift_norm=True, resblock_updown=True, pool='attention',
+              num_classes=0)
+  return ml_collections.ConfigDict(dict(base, **kw))
+
+
+def train_config() -> ml_collections.ConfigDict:
+  """``config.train``: one section per trainer (architecture, optimiser, output dir)."""
+  t = ml_collections.ConfigDict()
+
+  t.feature_net = ml_collections.ConfigDict(dict(
+      out=os.path.join(ASSETS, 'feature_net'),
+      ref_stats=os.path.join(ASSETS, 'feature_stats.npz'),  # all 1,797 real digits
+      channels=(32, 64, 64), feature_dim=32,
+      num_steps=3000, batch_size=128, lr=1e-3))
+
+  # EDM (Karras et al. 2022): P_mean -1.2, P_std 1.2, sigma_data 0.5; EMA of the weights.
+  t.denoiser = ml_collections.ConfigDict(dict(
+      out=os.path.join(ASSETS, 'denoiser'),
+      conditional=False,           # class-conditional denoiser (label_dim 10)
+      model_channels=32, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,),
+      num_steps=8000, batch_size=128, lr=2e-3, warmup_steps=200, ema_decay=0.999,
+      grad_clip=1.0, ckpt_every=1000, log_every=100))
+
+  # Plays ADM's 32x32_classifier.pt: trunk features 4x4x64 feed the head.
+  t.classifier = ml_collections.ConfigDict(dict(
+      out=os.path.join(ASSETS, 'classifier'),
+      arch=_encoder(image_size=8, in_channels=1, model_channels=32, out_channels=10,
+                    channel_mult=(1, 2), attention_resolutions=(2,)),
+      importance=False,            # ADM trains its classifier at uniform times
+      num_steps=3000, batch_size=128, lr=1e-3, ckpt_every=1000, log_every=100))
+
+  # DG's train.py: Adam 3e-4, weight decay 1e-7, BCE, importance-sampled VP time.
+  t.discriminator = ml_collections.ConfigDict(dict(
+      out=os.path.join(ASSETS, 'discriminator'),
+      classifier=os.path.join(ASSETS, 'classifier'),  # or a converted 32x32_classifier.pt dir
+      real_data=os.path.join(ASSETS, 'digits.npz'),   # or DG's true_data.npz (uint8 NHWC)
+      gen_dir='workdir/digits-gen',                   # samples_*.npz of the model to correct
+      num_data=1797,               # cap on real and on generated images (DG: 50000)
+      conditional=False,
+      head=_encoder(image_size=4, in_channels=64, model_channels=32, out_channels=1,
+                    channel_mult=(1,), attention_resolutions=(1,), num_classes=10),
+      importance=True,
+      num_steps=3000, batch_size=128, lr=3e-4, weight_decay=1e-7,
+      ckpt_every=1000, log_every=100))
+  return t
+
+
+def get_config(arg: str | None = None):
+  method, flags = default.parse_arg(arg, 'configs/digits.py', ('tiny',), 'isir_stochastic')
+  config = default.get_config()
+  config.name = f'digits-{method}'
+  config.model.denoiser = os.path.join(ASSETS, 'denoiser')
+  config.model.discriminator = os.path.join(ASSETS, 'discriminator') if method != 'edm' else ''
+  config.sampler = default.sampler_config(method)
+  config.sample.num_samples = 64
+  config.sample.batch_size = 64
+
+  config.data = ml_collections.ConfigDict()
+  config.data.path = os.path.join(ASSETS, 'digits.npz')   # real digits, [-1, 1] NHWC on load
+
+  config.demo = ml_collections.ConfigDict()
+  config.demo.methods = ('edm', 'dg', 'diffrs', 'isir_stochastic')
+  config.demo.num_samples = 64
+  config.demo.feature_net = os.path.join(ASSETS, 'feature_net')
+  config.demo.ref_stats = os.path.join(ASSETS, 'feature_stats.npz')
+  config.demo.diffrs_thresholds = os.path.join(ASSETS, 'diffrs_thresholds.npz')
+
+  config.train = train_config()
+  if 'tiny' in flags:
+    default.apply_tiny(config)
+    config.demo.num_samples = 8
+  return config

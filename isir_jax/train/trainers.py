@@ -1,0 +1,201 @@
+"""The trainers behind ``main.py --mode=train_*``: one function per model.
+
+Each takes the experiment config and a workdir, trains with the shared loop
+(``isir_jax.train.loop``; checkpoints under ``WORKDIR/train_<model>/`` so a rerun
+resumes), and writes the final model in the layout the loaders read
+(``isir_jax.checkpoints``) to the directory the config names.
+"""
+
+import glob
+import os
+from typing import Any, Optional
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from isir_jax import checkpoints
+from isir_jax import discriminator as dg
+from isir_jax.networks.adm_encoder import EncoderUNetModel
+from isir_jax.train import digits_data
+from isir_jax.train import feature_net
+from isir_jax.train import losses
+from isir_jax.train import loop
+
+CLASSIFIER_FAMILY = 'adm_classifier'
+
+
+def _kwargs(cfg: ml_collections.ConfigDict) -> dict:
+  """A config section as JSON-able module kwargs (tuples as lists)."""
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.to_dict().items()}
+
+
+def _encoder(kwargs: dict) -> EncoderUNetModel:
+  return EncoderUNetModel(**{k: tuple(v) if isinstance(v, list) else v
+                             for k, v in kwargs.items()})
+
+
+def _optimizer(cfg: ml_collections.ConfigDict):
+  return loop.make_optimizer(cfg.lr, weight_decay=cfg.get('weight_decay', 0.0),
+                             grad_clip=cfg.get('grad_clip', 0.0),
+                             warmup_steps=cfg.get('warmup_steps', 0))
+
+
+def _run(cfg, loss_fn, params, data, workdir, name, seed):
+  return loop.train(loss_fn, params, data, optimizer=_optimizer(cfg), num_steps=cfg.num_steps,
+                    batch_size=cfg.batch_size, workdir=os.path.join(workdir, f'train_{name}'),
+                    seed=seed, ema_decay=cfg.get('ema_decay', None),
+                    ckpt_every=cfg.get('ckpt_every', 1000), log_every=cfg.get('log_every', 100),
+                    desc=name)
+
+
+def load_images(path: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
+  """Images in [-1, 1] (float32 NHWC) and integer labels (or None) of one npz file.
+
+  Accepts the bundled digits (``levels``), sample shards and DG's data files
+  (uint8 ``samples`` or ``arr_0``, scaled as DG's ``2 x / 255 - 1``; ``label`` optional).
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path}: image npz not found')
+  with np.load(path) as f:
+    if 'levels' in f:
+      return digits_data.load_digits(path)
+    key = 'samples' if 'samples' in f else 'arr_0' if 'arr_0' in f else None
+    if key is None:
+      raise ValueError(f'{path}: expected an array "samples", "arr_0" or "levels", '
+                       f'found {sorted(f.keys())}')
+    x = f[key]
+    labels = f['label'] if 'label' in f else None
+  if x.dtype != np.uint8 or x.ndim != 4:
+    raise ValueError(f'{path}: "{key}" must be uint8 NHWC, got {x.dtype} {x.shape}')
+  if labels is not None and labels.ndim == 2:  # one-hot
+    labels = labels.argmax(-1)
+  return x.astype(np.float32) / 127.5 - 1.0, (None if labels is None else labels.astype(np.int32))
+
+
+def load_shards(directory: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
+  """Concatenates the sample shards ``DIR/samples*.npz`` in index order (DG's ``gendir``)."""
+  paths = glob.glob(os.path.join(directory, 'sample*.npz'))
+  if not paths:
+    raise FileNotFoundError(f'{directory}: no sample*.npz shards (generate them with '
+                            'main.py --mode=sample first)')
+  key = lambda p: (len(p), p)  # samples_2 before samples_10
+  parts = [load_images(p) for p in sorted(paths, key=key)]
+  labels = None if parts[0][1] is None else np.concatenate([p[1] for p in parts])
+  return np.concatenate([p[0] for p in parts]), labels
+
+
+def load_classifier(directory: str) -> tuple[dict, Any]:
+  """The noisy classifier (module kwargs, params) of a trained or converted model dir.
+
+  Accepts an ``adm_classifier`` dir (written by ``train_classifier``) or a
+  ``dg_discriminator`` dir (converted ``32x32_classifier.pt``), whose encoder is used.
+  """
+  params, config = checkpoints.load_model(directory)
+  family = config.get('family')
+  if family == CLASSIFIER_FAMILY:
+    return config['module'], params
+  if family == dg.FAMILY:
+    return config['encoder'], params['encoder']
+  raise ValueError(f'{directory}: config.json family is {family!r}, expected '
+                   f'{CLASSIFIER_FAMILY!r} or {dg.FAMILY!r}')
+
+
+def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains the noisy time-dependent digit classifier (ADM ``EncoderUNetModel``).
+
+  It plays the role of ADM's ``32x32_classifier.pt``: its trunk is the frozen
+  feature extractor of the discriminator. Writes ``config.train.classifier.out``.
+  """
+  cfg = config.train.classifier
+  images, labels = digits_data.load_digits(config.data.path)
+  module = _encoder(_kwargs(cfg.arch))
+  params = module.init(jax.random.key(config.seed), images[:1], jnp.zeros((1,)))['params']
+
+  def loss_fn(p, batch, key):
+    fn = lambda x, t: module.apply({'params': p}, x, t)
+    return losses.noisy_classifier_loss(fn, batch['image'], batch['label'], key,
+                                        importance=cfg.importance)
+
+  state, history = _run(cfg, loss_fn, params, {'image': images, 'label': labels},
+                        workdir, 'classifier', config.seed)
+  checkpoints.save_model(cfg.out, state.params,
+                         {'family': CLASSIFIER_FAMILY, 'module': _kwargs(cfg.arch)})
+  return history[-1]
+
+
+def _one_hot(labels: Optional[np.ndarray], num_classes: int) -> np.ndarray:
+  if labels is None:
+    raise ValueError('a conditional discriminator needs labels in the real and generated npz '
+                     '("label")')
+  return np.eye(num_classes, dtype=np.float32)[labels]
+
+
+def train_discriminator(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains DG's discriminator head on frozen classifier features (DG ``train.py``).
+
+  Real images (``train.discriminator.real_data``) are labelled 1, generated ones
+  (the shards in ``train.discriminator.gen_dir``) 0, each capped at ``num_data``;
+  the head sees the classifier's features of VP-perturbed inputs at importance-sampled
+  times, optionally with the class label. Works for the digits and, from a converted
+  ``32x32_classifier.pt`` and CIFAR-10 npz files, for DG's CIFAR-10 heads.
+  Writes a ``dg_discriminator`` dir (``load_discriminator`` reads it) to ``out``.
+  """
+  cfg = config.train.discriminator
+  enc_kwargs, enc_params = load_classifier(cfg.classifier)
+  encoder = _encoder(enc_kwargs)
+  real_x, real_y = load_images(cfg.real_data)
+  gen_x, gen_y = load_shards(cfg.gen_dir)
+  n = cfg.num_data
+  real_x, gen_x = real_x[:n], gen_x[:n]
+  if real_x.shape[1:] != gen_x.shape[1:]:
+    raise ValueError(f'real images {real_x.shape[1:]} ({cfg.real_data}) differ from generated '
+                     f'{gen_x.shape[1:]} ({cfg.gen_dir})')
+  data = {'image': np.concatenate([real_x, gen_x]),
+          'is_real': np.concatenate([np.ones(len(real_x), np.float32),
+                                     np.zeros(len(gen_x), np.float32)])}
+  head_kwargs = _kwargs(cfg.head)
+  if cfg.conditional:
+    data['label'] = np.concatenate([_one_hot(real_y[:n] if real_y is not None else None,
+                                             cfg.head.num_classes),
+                                    _one_hot(gen_y[:n] if gen_y is not None else None,
+                                             cfg.head.num_classes)])
+  else:
+    head_kwargs['num_classes'] = 0
+  head = _encoder(head_kwargs)
+  feats = jax.eval_shape(lambda: encoder.apply({'params': enc_params}, real_x[:1],
+                                               jnp.zeros((1,)), feature=True))
+  if feats.shape[1:] != (head.image_size, head.image_size, head.in_channels):
+    raise ValueError(f'classifier features are {feats.shape[1:]} but the head expects '
+                     f'{(head.image_size, head.image_size, head.in_channels)}: set '
+                     'train.discriminator.head.image_size / in_channels')
+  labels0 = jnp.zeros((1,), jnp.int32) if head.num_classes else None
+  head_params = head.init(jax.random.key(config.seed), jnp.zeros((1,) + feats.shape[1:]),
+                          jnp.zeros((1,)), labels0)['params']
+  disc = dg.DGDiscriminator.from_modules(encoder, head, {'encoder': enc_params,
+                                                         'head': head_params})
+
+  def loss_fn(p, batch, key):
+    params = {'encoder': jax.lax.stop_gradient(enc_params), 'head': p}
+    fn = lambda x, t, c: disc.logit(x, t, c, params=params)
+    return losses.discriminator_loss(fn, batch['image'], batch['is_real'], key,
+                                     batch.get('label'), importance=cfg.importance)
+
+  state, history = _run(cfg, loss_fn, head_params, data, workdir, 'discriminator', config.seed)
+  checkpoints.save_model(cfg.out, {'encoder': enc_params, 'head': state.params},
+                         {'family': dg.FAMILY, 'encoder': enc_kwargs, 'head': head_kwargs,
+                          'time_map': 'linear', 'prob_clip': 0.0})
+  logging.info('discriminator: %d real + %d generated images, final %s',
+               len(real_x), len(gen_x), history[-1])
+  return history[-1]
+
+
+def train_feature_net(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains the clean-digit classifier whose features define FD-digits."""
+  cfg = config.train.feature_net
+  return feature_net.train_feature_net(
+      cfg.out, os.path.join(workdir, 'train_feature_net'), num_steps=cfg.num_steps,
+      batch_size=cfg.batch_size, lr=cfg.lr, seed=config.seed, channels=tuple(cfg.channels),
+      feature_dim=cfg.feature_dim, data_path=config.data.path)
