@@ -607,16 +607,18 @@ def _read_any(path: str) -> Any:
   if not os.path.isfile(path):
     raise CheckpointError(f'{path}: no such file')
   with open(path, 'rb') as f:
-    raw = f.read()
-  if raw[:4] == b'PK\x03\x04':
-    return _read_zip(path)
-  if raw[257:262] == b'ustar':
-    raise CheckpointError(f'{path}: legacy tar-format torch.save files are not supported')
-  stream = io.BytesIO(raw)
-  first = _Unpickler(stream, path).load()
-  if isinstance(first, int) and first == _LEGACY_MAGIC:
-    return _read_legacy(raw, path)
-  return first
+    head = f.read(512)
+    if head[:4] == b'PK\x03\x04':
+      return _read_zip(path)
+    if head[257:262] == b'ustar':
+      raise CheckpointError(f'{path}: legacy tar-format torch.save files are not supported')
+    f.seek(0)
+    # Unpickle straight from the file: a multi-GB network pickle is not held twice.
+    first = _Unpickler(f, path).load()
+    if isinstance(first, int) and first == _LEGACY_MAGIC:
+      f.seek(0)
+      return _read_legacy(f.read(), path)
+    return first
 
 
 def read_checkpoint(path: str) -> Any:
