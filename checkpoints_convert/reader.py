@@ -189,8 +189,9 @@ class _EasyDict(dict):
   """Stand-in for ``dnnlib.util.EasyDict``: a plain dict (attribute access dropped)."""
 
   def __setstate__(self, state):
-    if isinstance(state, dict):
-      self.update(state)
+    if not isinstance(state, (dict, type(None))):
+      raise ValueError(f'EasyDict state is a {type(state).__name__}, not a dict')
+    self.update(state or {})
 
 
 class _NumpyDType:
@@ -540,6 +541,7 @@ def _read_legacy(raw: bytes, path: str) -> Any:
     if view is None:
       return root
     view_key, offset, view_numel = view
+    _check_ints('storage view', (offset, view_numel))
     if view_key not in storages:
       storages[view_key] = _Storage(root.dtype, view_numel, root.bfloat16)
       storages[view_key].root = (root, offset)
@@ -568,6 +570,18 @@ def _read_legacy(raw: bytes, path: str) -> Any:
   return result
 
 
+def _read_record(archive: zipfile.ZipFile, name: str, path: str) -> bytes:
+  """One stored (uncompressed, as torch writes them) record of a zip archive."""
+  try:
+    info = archive.getinfo(name)
+  except KeyError:
+    raise CheckpointError(f'{path}: zip record {name} is missing') from None
+  if info.compress_type != zipfile.ZIP_STORED:
+    raise CheckpointError(f'{path}: zip record {name} is compressed; torch.save stores '
+                          'records uncompressed')
+  return archive.read(info)
+
+
 def _read_zip(path: str) -> Any:
   """Reads a zip-format torch.save archive."""
   try:
@@ -581,17 +595,14 @@ def _read_zip(path: str) -> Any:
     prefix = pickles[0][:-len('data.pkl')]
     big_endian = False
     if prefix + 'byteorder' in archive.namelist():
-      big_endian = archive.read(prefix + 'byteorder').strip() == b'big'
+      big_endian = _read_record(archive, prefix + 'byteorder', path).strip() == b'big'
     storages = {}
 
     def persistent_load(pid):
       key, storage_type, numel, _ = _storage_from_id(pid, path)
       if key not in storages:
         dtype = _with_byteorder(storage_type.dtype, big_endian)
-        try:
-          blob = archive.read(f'{prefix}data/{key}')
-        except KeyError:
-          raise CheckpointError(f'{path}: storage record data/{key} is missing') from None
+        blob = _read_record(archive, f'{prefix}data/{key}', path)
         if len(blob) < numel * dtype.itemsize:
           raise CheckpointError(f'{path}: storage record data/{key} holds {len(blob)} bytes, '
                                 f'{numel * dtype.itemsize} expected')
@@ -599,7 +610,8 @@ def _read_zip(path: str) -> Any:
                                  np.frombuffer(blob, dtype, numel))
       return storages[key]
 
-    return _Unpickler(io.BytesIO(archive.read(pickles[0])), path, persistent_load).load()
+    stream = io.BytesIO(_read_record(archive, pickles[0], path))
+    return _Unpickler(stream, path, persistent_load).load()
 
 
 def _read_any(path: str) -> Any:

@@ -318,14 +318,30 @@ def test_hostile_globals_refused(tmp_path, name, where):
   assert not os.path.exists(marker)
 
 
-def test_hostile_zip_refused(tmp_path):
+@pytest.mark.parametrize('compression, message', [
+    (zipfile.ZIP_STORED, 'refusing global os.system'),
+    (zipfile.ZIP_DEFLATED, 'zip record evil/data.pkl is compressed'),
+])
+def test_hostile_zip_refused(tmp_path, compression, message):
   marker = os.path.join(tmp_path, 'pwned')
   path = os.path.join(tmp_path, 'evil.pt')
-  with zipfile.ZipFile(path, 'w') as z:
+  with zipfile.ZipFile(path, 'w', compression) as z:
     z.writestr('evil/data.pkl', dumps(payloads(marker)['os.system'], 2))
-  with pytest.raises(reader.CheckpointError, match='refusing global os.system'):
+  with pytest.raises(reader.CheckpointError) as excinfo:
     reader.read_state_dict(path)
+  assert message in one_line_error(excinfo, path)
   assert not os.path.exists(marker)
+
+
+def test_zip_missing_storage_record(tmp_path):
+  path = os.path.join(tmp_path, 'sd.pt')
+  with zipfile.ZipFile(STATE_DICTS['zip']) as src, zipfile.ZipFile(path, 'w') as dst:
+    for info in src.infolist():
+      if not info.filename.endswith('/data/0'):
+        dst.writestr(info.filename, src.read(info))
+  with pytest.raises(reader.CheckpointError) as excinfo:
+    reader.read_state_dict(path)
+  assert 'zip record state_dict_zip/data/0 is missing' in one_line_error(excinfo, path)
 
 
 def test_module_src_is_not_executed(tmp_path):
