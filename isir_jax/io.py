@@ -109,6 +109,12 @@ def complete_shards(workdir: str) -> list[int]:
   return sorted(found)
 
 
+def remove_temporaries(workdir: str) -> None:
+  """Deletes the temporary files an interrupted run left behind in ``workdir``."""
+  for path in glob.glob(os.path.join(workdir, '.tmp-*')):
+    os.remove(path)
+
+
 def iter_shards(workdir: str) -> Iterator[tuple[int, np.ndarray, Optional[np.ndarray]]]:
   """Yields ``(k, samples, labels)`` for every complete shard, in shard order."""
   for k in complete_shards(workdir):

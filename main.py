@@ -1,0 +1,57 @@
+"""Samples and scores EDM / DG / DiffRS / ISIR runs from a config file.
+
+This file is intentionally kept short: the logic is in ``isir_jax.run_lib``
+(and the samplers, ``isir_jax.parallel``, ``isir_jax.io``, ``isir_jax.fid``), where
+it can be tested. Examples::
+
+  python main.py                                     # the default config, tiny and exact
+  python main.py --config=configs/cifar10.py:isir --workdir=runs/cifar10-isir
+  python main.py --config=configs/cifar10.py:isir --workdir=runs/cifar10-isir --mode=eval
+  python main.py --config=configs/cifar10.py:dg,cond --config.sample.num_samples=10000
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from isir_jax import parallel
+from isir_jax import run_lib
+
+# Mode name -> run_lib function (config, workdir) -> None.
+MODES = {
+    'sample': run_lib.sample,
+    'fid_stats': run_lib.fid_stats,
+    'eval': run_lib.evaluate,
+}
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                               'configs', 'testbed.py:isir_stochastic')
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', _DEFAULT_CONFIG, 'Experiment config file (configs/<data set>.py:<method>[,flags]).',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Run directory for samples and scores [default: workdir/<config.name>].')
+_MODE = flags.DEFINE_enum('mode', 'sample', list(MODES), 'What to run.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  config = _CONFIG.value
+  parallel.initialize(config.distributed)
+  logging.info('JAX %s', parallel.describe())
+  workdir = _WORKDIR.value or os.path.join('workdir', config.name)
+  logging.info('mode %s, config %s, workdir %s', _MODE.value, config.name, workdir)
+  try:
+    MODES[_MODE.value](config, workdir)
+  except run_lib.RunError as e:
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  app.run(main)

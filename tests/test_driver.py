@@ -1,0 +1,176 @@
+"""main.py end to end on the exact testbed: device-count invariance, resume, bad input.
+
+Each case runs ``python main.py`` in a subprocess, as a user would, on the tiny testbed
+config (CPU, seconds). Several host devices are simulated with
+``XLA_FLAGS=--xla_force_host_platform_device_count``.
+"""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from isir_jax import io
+from isir_jax import run_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import cifar10 as cifar10_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import testbed as testbed_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+CONFIG_ARG = 'edm,tiny'
+CONFIG = f'configs/testbed.py:{CONFIG_ARG}'
+BASE_FLAGS = ('--config.sampler.S_churn=5',)
+
+
+def _env(devices: int) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  return env
+
+
+def _args(workdir, *flags, config=CONFIG) -> list[str]:
+  return [sys.executable, 'main.py', f'--config={config}', f'--workdir={workdir}', *BASE_FLAGS,
+          *flags]
+
+
+def run_main(workdir, *flags, devices=1, config=CONFIG) -> subprocess.CompletedProcess:
+  return subprocess.run(_args(workdir, *flags, config=config), cwd=ROOT, env=_env(devices),
+                        capture_output=True, text=True, timeout=300)
+
+
+def load_run(workdir) -> np.ndarray:
+  """All samples of a workdir, in global sample order."""
+  shards = list(io.iter_shards(str(workdir)))
+  assert shards, f'no shards in {workdir}'
+  return np.concatenate([samples for _, samples, _ in shards])
+
+
+# The reference run: 64 samples in 32 shards of 2 on one device, uninterrupted.
+RUN_FLAGS = ('--config.sample.num_samples=64', '--config.sample.batch_size=2')
+
+
+@pytest.fixture(scope='module')
+def reference_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('one_device')
+  result = run_main(workdir, *RUN_FLAGS)
+  assert result.returncode == 0, result.stderr
+  return workdir
+
+
+def test_reference_run_output(reference_run):
+  assert io.complete_shards(str(reference_run)) == list(range(32))
+  samples = load_run(reference_run)
+  assert samples.dtype == np.uint8 and samples.shape == (64, 8, 8, 1)
+  assert len({s.tobytes() for s in samples}) > 48  # per-sample keys (a few saturate to 0)
+  assert os.path.isfile(reference_run / 'samples_0.png')
+  assert os.path.isfile(reference_run / io.RUN_CONFIG_NAME)
+
+
+@pytest.mark.parametrize('devices,batch_size', [(4, 8), (4, 3)])
+def test_samples_independent_of_devices_and_batch(reference_run, tmp_path, devices, batch_size):
+  # batch 3 on 4 devices: every batch is padded to 4 and the padding dropped.
+  result = run_main(tmp_path, '--config.sample.num_samples=64',
+                    f'--config.sample.batch_size={batch_size}', devices=devices)
+  assert result.returncode == 0, result.stderr
+  assert f'{devices} local / {devices} global devices' in result.stderr
+  np.testing.assert_array_equal(load_run(tmp_path), load_run(reference_run))
+
+
+def test_resume_after_sigkill(reference_run, tmp_path):
+  proc = subprocess.Popen(_args(tmp_path, *RUN_FLAGS), cwd=ROOT, env=_env(1),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  first = tmp_path / 'samples_0.npz'
+  deadline = time.time() + 120
+  while not first.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.001)
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  kept = io.complete_shards(str(tmp_path))
+  assert 0 in kept and len(kept) < 32, f'the kill did not interrupt the run: {kept}'
+
+  resumed = run_main(tmp_path, *RUN_FLAGS)
+  assert resumed.returncode == 0, resumed.stderr
+  assert f'{32 - len(kept)} of 32 shards to generate' in resumed.stderr
+  assert '(resumed)' in resumed.stderr
+  assert io.complete_shards(str(tmp_path)) == list(range(32))
+  assert not glob.glob(str(tmp_path / '.tmp-*'))  # stale temporaries removed
+  np.testing.assert_array_equal(load_run(tmp_path), load_run(reference_run))
+
+
+def _fails_with(result: subprocess.CompletedProcess, message: str) -> None:
+  assert result.returncode != 0
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and message in last, result.stderr
+
+
+def test_missing_checkpoint(tmp_path):
+  result = run_main(tmp_path / 'run', f'--config.model.denoiser={tmp_path}/nowhere',
+                    config='configs/cifar10.py:edm,tiny')
+  _fails_with(result, f'config.model.denoiser={tmp_path}/nowhere: no such directory')
+  assert not io.complete_shards(str(tmp_path / 'run'))
+
+
+def test_unwritable_workdir(tmp_path):
+  (tmp_path / 'file').write_text('')
+  result = run_main(tmp_path / 'file' / 'run')
+  _fails_with(result, 'is not writable')
+
+
+# The remaining checks call run_lib in-process (same code path as main.py, minus startup).
+
+
+def _config(arg=CONFIG_ARG, **sample):
+  config = testbed_config.get_config(arg)
+  for flag in BASE_FLAGS:
+    key, value = flag[len('--config.'):].split('=')
+    section, name = key.split('.')
+    config[section][name] = type(config[section][name])(value)
+  config.sample.update(sample)
+  return config
+
+
+def test_unconverted_checkpoint(tmp_path):
+  (tmp_path / 'raw').mkdir()
+  config = cifar10_config.get_config('edm,tiny')
+  config.model.denoiser = str(tmp_path / 'raw')
+  with pytest.raises(run_lib.RunError, match=r'raw: not a converted model directory \(no config.json\)'):
+    run_lib.sample(config, str(tmp_path / 'run'))
+
+
+def test_conditional_config_with_unconditional_network(tmp_path):
+  config = _config()
+  config.model.conditional = True
+  with pytest.raises(run_lib.RunError, match='config.model.conditional=True but '
+                     'config.model.denoiser=testbed is unconditional'):
+    run_lib.sample(config, str(tmp_path))
+  assert not io.complete_shards(str(tmp_path))
+
+
+def test_bad_batch_size(tmp_path):
+  with pytest.raises(run_lib.RunError, match='config.sample.batch_size must be >= 1, got 0'):
+    run_lib.sample(_config(batch_size=0), str(tmp_path))
+
+
+def test_refuses_resume_with_other_config(tmp_path):
+  run_lib.sample(_config(num_samples=2, batch_size=2), str(tmp_path))
+  config = _config(num_samples=2, batch_size=2)
+  config.sampler.S_churn = 1.0
+  with pytest.raises(run_lib.RunError, match=r'written by a different sampling config '
+                     r'\(differs at: sampler.S_churn\)'):
+    run_lib.sample(config, str(tmp_path))
+
+
+def test_non_finite_samples_are_not_saved(tmp_path):
+  # A huge churn noise overflows float32 in the denoiser.
+  config = _config()
+  config.sampler.S_noise = 1e30
+  with pytest.raises(run_lib.RunError, match=r'shard 0: 4 non-finite samples at global '
+                     r'indices \[0, 1, 2, 3\]; shard not saved'):
+    run_lib.sample(config, str(tmp_path))
+  assert not io.complete_shards(str(tmp_path))
