@@ -92,7 +92,8 @@ def make_state_dicts(out: str) -> dict:
   sd['empty'] = torch.zeros(0, 3)
   torch.save(sd, os.path.join(out, 'state_dict_zip.pt'))
   torch.save(sd, os.path.join(out, 'state_dict_legacy.pt'), _use_new_zipfile_serialization=False)
-  return {f'sd/{k}': (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in sd.items()}
+  widened = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in sd.items()}
+  return {f'sd/{k}': v.numpy() for k, v in widened.items()}
 
 
 def main() -> None:
