@@ -448,6 +448,8 @@ def _tensor(storage, offset, size, stride, torch_dtype: _TorchDType | None = Non
 
   def build():
     data = storage.array()
+    if data is None:
+      raise ValueError('a tensor storage is missing from the storage list')
     if torch_dtype is not None:
       if data.dtype.itemsize != 1:
         raise ValueError('a tensor with an explicit dtype needs an untyped storage')
@@ -519,7 +521,10 @@ def _read_legacy(raw: bytes, path: str) -> Any:
     The saved object; tensors are _PendingTensors until :func:`_finish`.
   """
   stream = io.BytesIO(raw)
-  load = lambda persistent=None: _Unpickler(stream, path, persistent).load()
+
+  def load(persistent_load=None):
+    return _Unpickler(stream, path, persistent_load).load()
+
   if load() != _LEGACY_MAGIC:
     raise CheckpointError(f'{path}: not a torch.save stream (bad magic number)')
   protocol = load()

@@ -359,6 +359,7 @@ def test_module_src_is_not_executed(tmp_path):
     ('torch_module_call', 'torch.nn.modules.linear.Linear cannot be called'),
     ('short_storage', "corrupt storage '0' (4 elements recorded, 8 expected"),
     ('bad_persistent_id', 'unsupported persistent id'),
+    ('unwritten_storage', 'a tensor storage is missing from the storage list'),
     ('expansion_bomb', 'is over 1024x its storage of 4 elements'),
 ])
 def test_malformed_structures_refused(tmp_path, case, message):
@@ -373,9 +374,12 @@ def test_malformed_structures_refused(tmp_path, case, message):
       'short_storage': tensor(Storage('torch.FloatStorage', '0', 8), 0, (8,), (1,)),
       'bad_persistent_id': Storage('torch.FloatStorage', '0', 4, legacy=True),
       'expansion_bomb': tensor(storage, 0, (1 << 20, 1 << 20), (0, 0)),
+      'unwritten_storage': tensor(Storage('torch.FloatStorage', '9', 1), 0, (), ()),
   }
   if case == 'bad_persistent_id':
     objects[case].pid = ('module', Global('torch.FloatStorage'), 'x', 'y')
+  if case == 'unwritten_storage':
+    data = {}
   path = write(tmp_path, 'bad.pt', legacy_stream({'w': objects[case]}, data))
   with pytest.raises(reader.CheckpointError) as excinfo:
     reader.read_state_dict(path)
