@@ -73,10 +73,10 @@ class Call:
 
 
 class Storage:
-  """Pickles as the persistent id of a torch storage."""
+  """Pickles as the persistent id of a torch storage in a legacy torch.save stream."""
 
-  def __init__(self, storage_type: str, key: str, numel: int, legacy: bool = True):
-    self.pid = ('storage', Global(storage_type), key, 'cpu', numel) + ((None,) if legacy else ())
+  def __init__(self, storage_type: str, key: str, numel: int):
+    self.pid = ('storage', Global(storage_type), key, 'cpu', numel, None)
 
 
 class _Pickler(pickle._Pickler):  # pylint: disable=protected-access
@@ -372,7 +372,7 @@ def test_malformed_structures_refused(tmp_path, case, message):
                            Call(Global('numpy.dtype'), 'O', False, True), b'\0' * 8),
       'torch_module_call': Call(Global('torch.nn.modules.linear.Linear'), 3, 4),
       'short_storage': tensor(Storage('torch.FloatStorage', '0', 8), 0, (8,), (1,)),
-      'bad_persistent_id': Storage('torch.FloatStorage', '0', 4, legacy=True),
+      'bad_persistent_id': Storage('torch.FloatStorage', '0', 4),
       'expansion_bomb': tensor(storage, 0, (1 << 20, 1 << 20), (0, 0)),
       'unwritten_storage': tensor(Storage('torch.FloatStorage', '9', 1), 0, (), ()),
   }
