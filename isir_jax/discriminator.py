@@ -1,0 +1,222 @@
+"""DG's time-dependent discriminator: ADM features + a small head, on the EDM sigma scale.
+
+The discriminator ``d(x, sigma)`` is the logit of a classifier of real versus generated
+noisy images, so ``exp(d)`` estimates ``p_data,sigma(x) / p_model,sigma(x)`` (Kim et al.
+2023, "Refining Generative Process with Discriminator Guidance"). The networks were
+trained in the VP-SDE parametrisation (Song et al. 2021), so an EDM state ``x`` at noise
+``sigma`` is mapped to VP time ``tau`` and input ``mean(tau) * x`` first.
+
+Differences from the reference (``classifier_lib.get_grad_log_ratio``), on purpose:
+the reference switches guidance off for the *whole batch* as soon as one sample's
+``tau`` is outside ``[time_min, time_max]`` (and then reports a log ratio of 1e7); here
+the window is applied per sample and the log ratio is always the network's.
+"""
+
+import math
+from typing import Any, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from isir_jax import checkpoints
+from isir_jax.networks.adm_encoder import EncoderUNetModel
+
+Array = jax.Array
+
+FAMILY = 'dg_discriminator'
+TIME_MAPS = ('linear', 'cosine')
+
+# VP-SDE linear schedule beta(t) = b0 + t (b1 - b0) (Song et al. 2021) and iDDPM cosine offset.
+BETA_MIN = 0.1
+BETA_MAX = 20.
+COSINE_S = 0.008
+
+
+def vp_time(sigma: Array) -> Array:
+  """VP time ``tau`` whose marginal has the EDM noise level ``sigma``.
+
+  Solves ``sigma^2 = exp(0.5 (b1-b0) tau^2 + b0 tau) - 1`` for ``tau``.
+  """
+  b0, db = BETA_MIN, BETA_MAX - BETA_MIN
+  return (-b0 + jnp.sqrt(b0 ** 2 + 2. * db * jnp.log1p(sigma ** 2))) / db
+
+
+def vp_mean(tau: Array) -> Array:
+  """VP marginal mean coefficient ``sqrt(alpha_bar(tau))`` (= 1/sqrt(1+sigma^2))."""
+  return jnp.exp(-0.25 * tau ** 2 * (BETA_MAX - BETA_MIN) - 0.5 * tau * BETA_MIN)
+
+
+def cosine_time(tau: Array) -> Array:
+  """Time of the cosine schedule (Nichol & Dhariwal 2021) with the same ``alpha_bar``.
+
+  ADM's 64x64 classifier was trained on the cosine schedule:
+  ``sqrt(alpha_bar(t)) = cos((t+s)/(1+s) pi/2) / sqrt(f0)``, ``f0 = cos(s/(1+s) pi/2)^2``.
+  """
+  sqrt_f0 = math.cos(COSINE_S / (1. + COSINE_S) * math.pi / 2.)
+  angle = jnp.arccos(sqrt_f0 * vp_mean(tau))
+  return (1. + COSINE_S) * 2. / math.pi * angle - COSINE_S
+
+
+def module_from_config(kwargs: dict, dtype: Any = jnp.float32) -> EncoderUNetModel:
+  """Rebuilds an encoder from its JSON config (lists back to tuples)."""
+  kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  return EncoderUNetModel(**kw, dtype=dtype)
+
+
+class DGDiscriminator(flax.struct.PyTreeNode):
+  """Frozen ADM feature extractor + DG head, evaluated at EDM noise levels.
+
+  A pytree: the params are leaves (pass the object through ``jax.jit`` or close over
+  it), the modules and settings are static. Satisfies ``isir_jax.types.Discriminator``.
+
+  Attributes:
+    encoder: the ADM classifier (``feature=True`` gives the head's input).
+    head: the discriminator head (``out_channels=1``).
+    params: ``{'encoder': ..., 'head': ...}`` Flax ``params`` collections.
+    time_map: 'linear' (VP time) or 'cosine' (ADM's 64x64 classifier).
+    prob_clip: 0 for the raw logit (the ISIR seed); ``p > 0`` reproduces upstream DG's
+      ``log(D / (1 - D))`` with ``D = sigmoid(logit)`` clipped to ``[p, 1 - p]``, i.e.
+      the logit clipped to ``+-log((1 - p) / p)`` with zero gradient beyond.
+  """
+
+  encoder: EncoderUNetModel = flax.struct.field(pytree_node=False)
+  head: EncoderUNetModel = flax.struct.field(pytree_node=False)
+  params: Any
+  time_map: str = flax.struct.field(pytree_node=False, default='linear')
+  prob_clip: float = flax.struct.field(pytree_node=False, default=0.)
+
+  @classmethod
+  def from_modules(cls, encoder: EncoderUNetModel, head: EncoderUNetModel, params: Any,
+                   config: Optional[dict] = None) -> 'DGDiscriminator':
+    """Builds the discriminator without disk (trainers, tests).
+
+    Args:
+      encoder: the ADM classifier module.
+      head: the head module.
+      params: ``{'encoder': params, 'head': params}``.
+      config: optional settings ``{'time_map': ..., 'prob_clip': ...}``.
+    """
+    config = config or {}
+    time_map = config.get('time_map', 'linear')
+    if time_map not in TIME_MAPS:
+      raise ValueError(f'time_map={time_map!r}, expected one of {TIME_MAPS}')
+    return cls(encoder=encoder, head=head, params=params, time_map=time_map,
+               prob_clip=float(config.get('prob_clip', 0.)))
+
+  @classmethod
+  def from_config(cls, params: Any, config: dict, dtype: Any = jnp.float32
+                  ) -> 'DGDiscriminator':
+    """Builds the discriminator from a converted model's ``(params, config)``."""
+    if config.get('family') != FAMILY:
+      raise ValueError(f'config family is {config.get("family")!r}, expected {FAMILY!r}')
+    return cls.from_modules(module_from_config(config['encoder'], dtype),
+                            module_from_config(config['head'], dtype), params, config)
+
+  def config(self) -> dict:
+    """The settings ``from_modules`` accepts (architecture lives in the modules)."""
+    return {'time_map': self.time_map, 'prob_clip': self.prob_clip}
+
+  def network_time(self, tau: Array) -> Array:
+    """The time the ADM networks take (in [0, 1]; they multiply it by 999)."""
+    return cosine_time(tau) if self.time_map == 'cosine' else tau
+
+  def logit(self, x_vp: Array, t: Array, class_labels: Optional[Array] = None,
+            params: Any = None) -> Array:
+    """Head logit [B] on VP-scaled input ``x_vp`` [B, H, W, C] at network time ``t`` [B].
+
+    ``params`` overrides ``self.params`` (e.g. the head's params while training).
+    """
+    params = self.params if params is None else params
+    feats = self.encoder.apply({'params': params['encoder']}, x_vp, t, feature=True)
+    labels = class_labels if self.head.num_classes else None
+    return self.head.apply({'params': params['head']}, feats, t, labels)[:, 0]
+
+  def _to_log_ratio(self, logit: Array) -> Array:
+    if self.prob_clip <= 0:
+      return logit
+    bound = math.log((1. - self.prob_clip) / self.prob_clip)
+    return jnp.clip(logit, -bound, bound)
+
+  def _vp_input(self, x: Array, sigma: Array) -> tuple[Array, Array, Array, Array]:
+    """Returns (sigma [B], tau [B], mean [B], network time [B])."""
+    sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (x.shape[0],))
+    tau = vp_time(sigma)
+    return sigma, tau, vp_mean(tau), self.network_time(tau)
+
+  def log_ratio(self, x: Array, sigma: Array, class_labels: Optional[Array] = None
+                ) -> Array:
+    """Log density ratio ``d(x, sigma)`` [B].
+
+    Args:
+      x: [B, H, W, C] unnormalised state on the EDM scale.
+      sigma: EDM noise level, scalar or [B].
+      class_labels: [B, label_dim] one-hot, for a conditional head.
+    """
+    _, _, mean, t = self._vp_input(x, sigma)
+    x_vp = mean[:, None, None, None] * x.astype(jnp.float32)
+    return self._to_log_ratio(self.logit(x_vp, t, class_labels))
+
+  def guidance(self, x: Array, sigma: Array, class_labels: Optional[Array] = None,
+               time_min: float = 0.01, time_max: float = 1.0) -> tuple[Array, Array]:
+    """DG correction ``g`` and the log ratio, from one backward pass.
+
+    ``g = -(sigma^2 * mean) * grad_{mean x} d = -sigma^2 * grad_x d``; samplers add
+    ``w * g / sigma`` to the ODE direction. ``g`` is zero for the samples whose VP time
+    is outside ``[time_min, time_max]`` (per sample; the reference gates the batch).
+
+    Args:
+      x: [B, H, W, C] unnormalised state on the EDM scale.
+      sigma: EDM noise level, scalar or [B].
+      class_labels: [B, label_dim] one-hot, for a conditional head.
+      time_min: smallest VP time with guidance.
+      time_max: largest VP time with guidance.
+
+    Returns:
+      ``(g, log_ratio)``: g like ``x`` (float32), log_ratio [B].
+    """
+    sigma, tau, mean, t = self._vp_input(x, sigma)
+    x_vp = mean[:, None, None, None] * x.astype(jnp.float32)
+
+    def total(v):
+      d = self._to_log_ratio(self.logit(v, t, class_labels))
+      return d.sum(), d  # samples are independent: grad of the sum is per-sample.
+
+    (_, d), grad = jax.value_and_grad(total, has_aux=True)(x_vp)
+    inside = (tau >= time_min) & (tau <= time_max)
+    coef = jnp.where(inside, -(sigma ** 2) * mean, 0.)
+    return coef[:, None, None, None] * grad, d
+
+
+def load_discriminator(directory: str, dtype: Any = jnp.float32) -> DGDiscriminator:
+  """Loads a discriminator converted by ``checkpoints_convert.dg`` (or trained here).
+
+  Args:
+    directory: model directory (``config.json`` + orbax ``params/``).
+    dtype: network compute dtype (``jnp.bfloat16`` for faster TPU/GPU compute).
+  """
+  params, config = checkpoints.load_model(directory)
+  params = jax.tree_util.tree_map(jnp.asarray, params)
+  return DGDiscriminator.from_config(params, config, dtype)
+
+
+def init_params(encoder: EncoderUNetModel, head: EncoderUNetModel, key: Array,
+                abstract: bool = False) -> Any:
+  """Initial (or, with ``abstract``, ``jax.eval_shape``) params of both networks.
+
+  Every parameter is created, including the classifier's pooling head, which
+  ``feature=True`` does not use but the published checkpoint holds.
+  """
+  def init_one(module, key):
+    s = module.image_size
+    x = jnp.zeros((1, s, s, module.in_channels))
+    labels = jnp.zeros((1,), jnp.int32) if module.num_classes else None
+    return module.init(key, x, jnp.zeros((1,)), labels)['params']
+
+  def init():
+    k_enc, k_head = jax.random.split(key)
+    return {'encoder': init_one(encoder, k_enc), 'head': init_one(head, k_head)}
+
+  return jax.eval_shape(init) if abstract else init()
+
+
