@@ -48,32 +48,37 @@ def sampler_config(method: str) -> ml_collections.ConfigDict:
   s.sigma_min = 0.002             # lowest noise level (clipped to the network's range)
   s.sigma_max = 80.0              # highest noise level (clipped to the network's range)
   s.rho = 7.0                     # time step exponent
+  s.solver = 'heun'               # 'heun' (2nd order) or 'euler'
   s.S_churn = 0.0                 # stochasticity strength (0: deterministic ODE steps)
   s.S_min = 0.0                   # churn only where S_min <= t_i <= S_max
   s.S_max = float('inf')
   s.S_noise = 1.0                 # noise inflation of the churn
-  if s.name in ('dg', 'diffrs', 'isir'):
-    # VP time window where the discriminator acts (DG's --time_min/--time_max).
-    s.time_min = 0.01
-    s.time_max = 1.0
   if s.name == 'dg':
-    s.w1 = 2.0                    # DG weight in the Euler part (EDM-G++: 2)
-    s.w2 = 0.0                    # DG weight in the Heun correction
+    s.dg_weight_1st_order = 2.0   # DG weight w1 in the Euler part (EDM-G++: 2)
+    s.dg_weight_2nd_order = 0.0   # DG weight w2 in the Heun correction
+    s.time_min = 0.01             # VP time window where guidance acts (DG's --time_min/max)
+    s.time_max = 1.0
+    s.boosting = False            # DG boosting: churn and doubled guidance where log ratio < 0
   if s.name == 'diffrs':
     s.rej_percentile = 0.75       # quantile of the warm-up log-ratio increments -> thresholds M_i
     s.backsteps = 1               # levels re-noised back after a rejection
     s.max_iter = 105              # NFE cap per sample; past it the sample restarts from noise
     s.warmup_batches = 10         # batches of plain sampling that estimate the thresholds
   if s.name == 'isir':
-    # As the seed ran it (isir_code.py, --cnt_inner_steps=5 --isir_batch=5, S_churn 0):
-    # deterministic Heun proposals, so only the initial-latent selection acts.
-    s.N = 5                       # i-SIR candidates per iteration
-    s.K = 5                       # i-SIR iterations per step
+    # As the seed ran it (isir_code.py --cnt_inner_steps=5 --isir_batch=5, S_churn 0).
+    # Its proposals are the deterministic Heun step, so only the initial-latent i-SIR
+    # acts; initial_only says so explicitly (the sampler refuses N > 1 otherwise).
+    s.num_candidates = 5          # N: i-SIR candidates per iteration
+    s.num_iterations = 5          # K: i-SIR iterations per step
+    s.initial_only = True         # i-SIR on the initial latent x_T only, plain steps after
+    # Candidates per denoiser call, to bound memory at large N (None: all at once).
+    s.candidate_chunk = ml_collections.config_dict.placeholder(int)
   if method == 'isir_stochastic':
-    # Recommended: stochastic proposals (churn) so every step's i-SIR acts;
+    # Recommended: stochastic proposals (EDM churn), so every step's i-SIR acts;
     # 2 (N + (K-1)(N-1)) = 14 NFE per step. A starting point, not tuned for FID.
-    s.N = 4
-    s.K = 2
+    s.num_candidates = 4
+    s.num_iterations = 2
+    s.initial_only = False
     s.S_churn = 5.0
     s.S_min = 0.01
     s.S_max = 50.0
@@ -116,8 +121,8 @@ def apply_tiny(config: ml_collections.ConfigDict) -> None:
   config.sampler.num_steps = 4
   config.fid.batch_size = 4
   if config.sampler.name == 'isir':
-    config.sampler.N = 2
-    config.sampler.K = 2
+    config.sampler.num_candidates = 2
+    config.sampler.num_iterations = 2
   if config.sampler.name == 'diffrs':
     config.sampler.warmup_batches = 1
     config.sampler.max_iter = 20
