@@ -87,9 +87,11 @@ class Arch:
                    self.num_head_channels, self.num_classes if self.cond else 0)
 
   def config(self) -> dict:
+    """The model directory's ``config.json`` for this architecture."""
     time_map = self.time_map or ('cosine' if self.image_size == 64 else 'linear')
-    return {'family': dg.FAMILY, 'encoder': self.encoder_kwargs(), 'head': self.head_kwargs(),
-            'time_map': time_map, 'prob_clip': self.prob_clip}
+    return dg.DGDiscriminator.from_modules(
+        dg.module_from_config(self.encoder_kwargs()), dg.module_from_config(self.head_kwargs()),
+        None, {'time_map': time_map, 'prob_clip': self.prob_clip}).to_config()
 
 
 def _kwargs(image_size, in_channels, width, out_channels, depth, resolutions, mult,

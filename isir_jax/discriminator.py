@@ -12,6 +12,7 @@ the reference switches guidance off for the *whole batch* as soon as one sample'
 the window is applied per sample and the log ratio is always the network's.
 """
 
+import dataclasses
 import math
 from typing import Any, Optional
 
@@ -64,6 +65,13 @@ def module_from_config(kwargs: dict, dtype: Any = jnp.float32) -> EncoderUNetMod
   return EncoderUNetModel(**kw, dtype=dtype)
 
 
+def module_config(module: EncoderUNetModel) -> dict:
+  """JSON-ready architecture kwargs of an encoder (inverse of ``module_from_config``)."""
+  skip = ('parent', 'name', 'dtype')
+  return {f.name: list(v) if isinstance(v := getattr(module, f.name), tuple) else v
+          for f in dataclasses.fields(module) if f.name not in skip}
+
+
 class DGDiscriminator(flax.struct.PyTreeNode):
   """Frozen ADM feature extractor + DG head, evaluated at EDM noise levels.
 
@@ -95,7 +103,8 @@ class DGDiscriminator(flax.struct.PyTreeNode):
       encoder: the ADM classifier module.
       head: the head module.
       params: ``{'encoder': params, 'head': params}``.
-      config: optional settings ``{'time_map': ..., 'prob_clip': ...}``.
+      config: optional settings ``{'time_map': ..., 'prob_clip': ...}`` (other keys,
+        e.g. a full ``to_config()``, are ignored).
     """
     config = config or {}
     time_map = config.get('time_map', 'linear')
@@ -107,32 +116,42 @@ class DGDiscriminator(flax.struct.PyTreeNode):
   @classmethod
   def from_config(cls, params: Any, config: dict, dtype: Any = jnp.float32
                   ) -> 'DGDiscriminator':
-    """Builds the discriminator from a converted model's ``(params, config)``."""
+    """Builds the discriminator from a model directory's ``(params, config)``."""
     if config.get('family') != FAMILY:
       raise ValueError(f'config family is {config.get("family")!r}, expected {FAMILY!r}')
     return cls.from_modules(module_from_config(config['encoder'], dtype),
                             module_from_config(config['head'], dtype), params, config)
 
-  def config(self) -> dict:
-    """The settings ``from_modules`` accepts (architecture lives in the modules)."""
-    return {'time_map': self.time_map, 'prob_clip': self.prob_clip}
+  def to_config(self) -> dict:
+    """The ``config.json`` of this discriminator (``save_model(dir, d.params, d.to_config())``)."""
+    return {'family': FAMILY, 'encoder': module_config(self.encoder),
+            'head': module_config(self.head), 'time_map': self.time_map,
+            'prob_clip': self.prob_clip}
 
   def network_time(self, tau: Array) -> Array:
     """The time the ADM networks take (in [0, 1]; they multiply it by 999)."""
     return cosine_time(tau) if self.time_map == 'cosine' else tau
 
-  def logit(self, x_vp: Array, t: Array, class_labels: Optional[Array] = None,
-            params: Any = None) -> Array:
-    """Head logit [B] on VP-scaled input ``x_vp`` [B, H, W, C] at network time ``t`` [B].
+  def features(self, x_vp: Array, t: Array) -> Array:
+    """Frozen ADM features [B, h, w, C] of VP-scaled input ``x_vp`` at network time ``t``."""
+    return self.encoder.apply({'params': self.params['encoder']}, x_vp, t, feature=True)
 
-    ``params`` overrides ``self.params`` (e.g. the head's params while training).
+  def head_logit(self, features: Array, t: Array, class_labels: Optional[Array] = None,
+                 head_params: Any = None) -> Array:
+    """Head logit [B] on ``features``; ``head_params`` overrides the stored ones (training).
+
+    Labels are ignored by an unconditional head (samplers may pass them regardless).
     """
-    params = self.params if params is None else params
-    feats = self.encoder.apply({'params': params['encoder']}, x_vp, t, feature=True)
+    params = self.params['head'] if head_params is None else head_params
     labels = class_labels if self.head.num_classes else None
-    return self.head.apply({'params': params['head']}, feats, t, labels)[:, 0]
+    return self.head.apply({'params': params}, features, t, labels)[:, 0]
 
-  def _to_log_ratio(self, logit: Array) -> Array:
+  def logit(self, x_vp: Array, t: Array, class_labels: Optional[Array] = None) -> Array:
+    """Head logit [B] on VP-scaled input ``x_vp`` [B, H, W, C] at network time ``t`` [B]."""
+    return self.head_logit(self.features(x_vp, t), t, class_labels)
+
+  def to_log_ratio(self, logit: Array) -> Array:
+    """The log ratio the samplers see: the logit, clipped if ``prob_clip > 0``."""
     if self.prob_clip <= 0:
       return logit
     bound = math.log((1. - self.prob_clip) / self.prob_clip)
@@ -155,7 +174,7 @@ class DGDiscriminator(flax.struct.PyTreeNode):
     """
     _, _, mean, t = self._vp_input(x, sigma)
     x_vp = mean[:, None, None, None] * x.astype(jnp.float32)
-    return self._to_log_ratio(self.logit(x_vp, t, class_labels))
+    return self.to_log_ratio(self.logit(x_vp, t, class_labels))
 
   def guidance(self, x: Array, sigma: Array, class_labels: Optional[Array] = None,
                time_min: float = 0.01, time_max: float = 1.0) -> tuple[Array, Array]:
@@ -179,7 +198,7 @@ class DGDiscriminator(flax.struct.PyTreeNode):
     x_vp = mean[:, None, None, None] * x.astype(jnp.float32)
 
     def total(v):
-      d = self._to_log_ratio(self.logit(v, t, class_labels))
+      d = self.to_log_ratio(self.logit(v, t, class_labels))
       return d.sum(), d  # samples are independent: grad of the sum is per-sample.
 
     (_, d), grad = jax.value_and_grad(total, has_aux=True)(x_vp)
@@ -200,23 +219,24 @@ def load_discriminator(directory: str, dtype: Any = jnp.float32) -> DGDiscrimina
   return DGDiscriminator.from_config(params, config, dtype)
 
 
+def init_module_params(module: EncoderUNetModel, key: Array) -> Any:
+  """Random params of one encoder, every layer included.
+
+  That includes the classifier's pooling head, which ``feature=True`` skips but the
+  published checkpoint holds.
+  """
+  s = module.image_size
+  x = jnp.zeros((1, s, s, module.in_channels))
+  labels = jnp.zeros((1,), jnp.int32) if module.num_classes else None
+  return module.init(key, x, jnp.zeros((1,)), labels)['params']
+
+
 def init_params(encoder: EncoderUNetModel, head: EncoderUNetModel, key: Array,
                 abstract: bool = False) -> Any:
-  """Initial (or, with ``abstract``, ``jax.eval_shape``) params of both networks.
-
-  Every parameter is created, including the classifier's pooling head, which
-  ``feature=True`` does not use but the published checkpoint holds.
-  """
-  def init_one(module, key):
-    s = module.image_size
-    x = jnp.zeros((1, s, s, module.in_channels))
-    labels = jnp.zeros((1,), jnp.int32) if module.num_classes else None
-    return module.init(key, x, jnp.zeros((1,)), labels)['params']
-
+  """``{'encoder', 'head'}`` random params, or with ``abstract`` their ``jax.eval_shape``."""
   def init():
     k_enc, k_head = jax.random.split(key)
-    return {'encoder': init_one(encoder, k_enc), 'head': init_one(head, k_head)}
+    return {'encoder': init_module_params(encoder, k_enc),
+            'head': init_module_params(head, k_head)}
 
   return jax.eval_shape(init) if abstract else init()
-
-

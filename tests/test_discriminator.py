@@ -124,7 +124,7 @@ def test_prob_clip_is_dg_clipped_log_odds(states, arch_flags):
   d = _discriminator(states, arch_flags, 'uncond', 'linear').replace(prob_clip=1e-5)
   logit = np.linspace(-20., 20., 81)
   p = np.clip(1 / (1 + np.exp(-logit)), 1e-5, 1 - 1e-5)
-  np.testing.assert_allclose(d._to_log_ratio(jnp.asarray(logit, jnp.float32)),
+  np.testing.assert_allclose(d.to_log_ratio(jnp.asarray(logit, jnp.float32)),
                              np.log(p / (1 - p)), rtol=1e-5, atol=1e-4)
 
 
@@ -187,7 +187,12 @@ def test_cli_converts_and_loads(tmp_path, arch_flags, states):
   assert res.stdout.startswith('converted ') and res.stdout.count('\n') == 1
   d = dg.load_discriminator(dst)
   want = _discriminator(states, arch_flags, 'cond', None)
-  assert d.config() == want.config() and d.head == want.head and d.encoder == want.encoder
+  assert d.to_config() == want.to_config() and d.head == want.head and d.encoder == want.encoder
+  with open(os.path.join(dst, 'config.json')) as f:
+    config = json.load(f)
+  assert config.pop('source') == {'classifier': 'classifier.pt',
+                                  'discriminator': 'discriminator_cond.pt'}
+  assert config == d.to_config()
   jax.tree_util.tree_map(np.testing.assert_array_equal, d.params, want.params)
 
 
