@@ -18,6 +18,7 @@ import os
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -231,6 +232,7 @@ flags.DEFINE_string('dst', None, 'Output model directory (config.json + params/)
 @main_guard
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax's progress logs; we print one line.
   if not FLAGS.src or not FLAGS.dst:
     raise CheckpointError('both --src FILE.pkl and --dst DIR are required')
   variables, config = convert(FLAGS.src)

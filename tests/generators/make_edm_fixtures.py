@@ -21,7 +21,9 @@ import numpy as np
 PLACEHOLDER_SRC = '# module_src removed from this test fixture\n'
 SIGMAS = np.array([0.002, 0.02, 0.2, 2.0, 20.0, 80.0], np.float32)
 
-# name -> (precond class, precond kwargs, uses class labels, augment_dim given to the model)
+# name -> (precond class, precond kwargs, extra reference outputs). Extras: 'scalar_sigma'
+# (one 0-dim sigma for the batch, as the reference Heun step passes it), 'no_labels'
+# (class_labels=None on a conditional net), 'augment' (augmentation labels given).
 CONFIGS = {
     # DDPM++ (cifar10 uncond vp): positional embedding, standard encoder/decoder.
     'ddpmpp_vp': ('VPPrecond', dict(
@@ -29,32 +31,32 @@ CONFIGS = {
         embedding_type='positional', encoder_type='standard', decoder_type='standard',
         channel_mult_noise=1, resample_filter=[1, 1], model_channels=8,
         channel_mult=[1, 2], channel_mult_emb=2, num_blocks=1, attn_resolutions=[8],
-        dropout=0.13)),
+        dropout=0.13), ()),
     # NCSN++ (cifar10 ve): Fourier embedding, residual encoder; skip decoder for coverage.
     'ncsnpp_ve': ('VEPrecond', dict(
         img_resolution=16, img_channels=3, label_dim=0, model_type='SongUNet',
         embedding_type='fourier', encoder_type='residual', decoder_type='skip',
         channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=8,
-        channel_mult=[1, 1, 2], channel_mult_emb=2, num_blocks=1, attn_resolutions=[8],
-        dropout=0.13)),
+        channel_mult=[1, 2], channel_mult_emb=2, num_blocks=1, attn_resolutions=[8],
+        dropout=0.13), ()),
     # ADM (imagenet cond): EDM preconditioning, class labels, attention only where C >= 64
     # (here dec.4x4_block0; the 16-channel blocks get none), no blocks in the encoder.
     'adm_edm_cond': ('EDMPrecond', dict(
         img_resolution=8, img_channels=3, label_dim=10, model_type='DhariwalUNet',
         model_channels=16, channel_mult=[1, 4], channel_mult_emb=2, num_blocks=0,
-        attn_resolutions=[8, 4], dropout=0.1)),
+        attn_resolutions=[8, 4], dropout=0.1), ('scalar_sigma', 'no_labels')),
     # iDDPM: discrete noise levels, 2 * img_channels outputs, augmentation labels.
     'iddpm_adm': ('iDDPMPrecond', dict(
         img_resolution=8, img_channels=2, label_dim=0, model_type='DhariwalUNet',
         model_channels=8, channel_mult=[1, 2], channel_mult_emb=2, num_blocks=1,
-        attn_resolutions=[4], augment_dim=9, dropout=0.1)),
+        attn_resolutions=[4], augment_dim=9, dropout=0.1), ('scalar_sigma', 'augment')),
     # Conditional DDPM++ with augmentation labels, skip encoder, EDM preconditioning.
     'ddpmpp_edm_cond': ('EDMPrecond', dict(
         img_resolution=8, img_channels=3, label_dim=10, model_type='SongUNet',
         embedding_type='positional', encoder_type='skip', decoder_type='standard',
         channel_mult_noise=1, resample_filter=[1, 1], model_channels=8,
-        channel_mult=[1, 2], channel_mult_emb=2, num_blocks=1, attn_resolutions=[4], augment_dim=9,
-        dropout=0.13, sigma_min=0.002, sigma_max=80.0)),
+        channel_mult=[1, 2], channel_mult_emb=2, num_blocks=1, attn_resolutions=[4],
+        augment_dim=9, dropout=0.13, sigma_min=0.002, sigma_max=80.0), ('no_labels', 'augment')),
 }
 
 
@@ -73,7 +75,7 @@ def redraw(torch, module, generator):
         p.copy_(0.1 * noise)
 
 
-def network_inputs(torch, rng, batch, img_resolution, img_channels, label_dim):
+def network_inputs(rng, batch, img_resolution, img_channels, label_dim):
   """Noisy images x = y + sigma n with y in [-1, 1], per-sample sigmas, one-hot labels."""
   shape = (batch, img_channels, img_resolution, img_resolution)
   y = rng.uniform(-1, 1, shape).astype(np.float32)
@@ -90,7 +92,7 @@ def to_nhwc(a):
 
 def make_network_fixture(torch, networks, loss, name, outdir, seed):
   """Builds, re-draws, pickles and evaluates one configuration."""
-  class_name, kwargs = CONFIGS[name]
+  class_name, kwargs, extras = CONFIGS[name]
   torch.manual_seed(seed)
   net = getattr(networks, class_name)(**kwargs).eval().requires_grad_(False)
   redraw(torch, net, torch.Generator().manual_seed(seed))
@@ -101,7 +103,7 @@ def make_network_fixture(torch, networks, loss, name, outdir, seed):
 
   rng = np.random.default_rng(seed)
   batch = len(SIGMAS)
-  x, labels = network_inputs(torch, rng, batch, kwargs['img_resolution'],
+  x, labels = network_inputs(rng, batch, kwargs['img_resolution'],
                              kwargs['img_channels'], kwargs['label_dim'])
   t = lambda a: None if a is None else torch.from_numpy(a)
   sigma = torch.from_numpy(SIGMAS)
@@ -109,12 +111,13 @@ def make_network_fixture(torch, networks, loss, name, outdir, seed):
   out = dict(x=to_nhwc(x), sigma=SIGMAS, out=run(t(x), sigma, t(labels)),
              sigma_min=np.float64(net.sigma_min), sigma_max=np.float64(net.sigma_max),
              round_sigma=net.round_sigma(sigma).numpy())
-  # One 0-dim sigma for the whole batch, as the reference Heun step passes it.
-  out['out_scalar_sigma'] = run(t(x), torch.tensor(1.5), t(labels))
   if labels is not None:
     out['labels'] = labels
+  if 'scalar_sigma' in extras:
+    out['out_scalar_sigma'] = run(t(x), torch.tensor(1.5), t(labels))
+  if 'no_labels' in extras:
     out['out_no_labels'] = run(t(x), sigma, None)
-  if kwargs.get('augment_dim'):
+  if 'augment' in extras:
     aug = (0.5 * rng.standard_normal((batch, kwargs['augment_dim']))).astype(np.float32)
     out['augment_labels'] = aug
     out['out_augment'] = run(t(x), sigma, t(labels), augment_labels=t(aug))
