@@ -11,6 +11,7 @@ of ``InceptionV3FID``, and written with ``isir_jax.checkpoints.save_model`` as
 ``{'params': ..., 'batch_stats': ...}``; ``isir_jax.fid.InceptionFID.load`` reads it.
 """
 
+import functools
 import os
 from typing import Mapping
 
@@ -49,6 +50,7 @@ def _from_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
   return value
 
 
+@functools.lru_cache
 def expected_layout(width_divisor: int = 1) -> dict[str, tuple[tuple[str, ...], tuple]]:
   """Torch state-dict keys the module needs: ``{key: (flax path, torch shape)}``.
 
@@ -72,14 +74,12 @@ def convert(state: Mapping[str, np.ndarray], width_divisor: int = 1, source: str
       differs (expected and actual, in torch layout).
   """
   layout = expected_layout(width_divisor)
-  problems = []
-  for key, (_, shape) in layout.items():
-    if key not in state:
-      problems.append(f'missing key {key} (expected shape {list(shape)})')
-    elif tuple(state[key].shape) != shape:
-      problems.append(f'key {key}: expected shape {list(shape)}, got {list(state[key].shape)}')
-  unexpected = [k for k in state if k not in layout and not k.endswith(_IGNORED_SUFFIX)]
-  problems += [f'unexpected key {k} (shape {list(state[k].shape)})' for k in unexpected]
+  problems = [f'key {k}: expected shape {list(layout[k][1])}, got {list(v.shape)}'
+              for k, v in state.items() if k in layout and tuple(v.shape) != layout[k][1]]
+  problems += [f'missing key {k} (expected shape {list(shape)})'
+               for k, (_, shape) in layout.items() if k not in state]
+  problems += [f'unexpected key {k} (shape {list(v.shape)})' for k, v in state.items()
+               if k not in layout and not k.endswith(_IGNORED_SUFFIX)]
   if problems:
     more = f' (and {len(problems) - 5} more)' if len(problems) > 5 else ''
     raise CheckpointError(f'{source}: not the FID Inception-v3 state dict: '
