@@ -100,8 +100,7 @@ def _kwargs(image_size, in_channels, width, out_channels, depth, resolutions, mu
               out_channels=out_channels, num_res_blocks=depth,
               attention_resolutions=[image_size // int(r) for r in resolutions.split(',')],
               channel_mult=list(mult), num_head_channels=head_channels,
-              use_scale_shift_norm=True, resblock_updown=True, pool='attention',
-              num_classes=num_classes)
+              use_scale_shift_norm=True, resblock_updown=True, num_classes=num_classes)
 
 
 # --- Key and layout mapping between the torch state dict and the Flax params. ---

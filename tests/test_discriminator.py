@@ -203,3 +203,9 @@ def test_cli_reports_mismatch_and_writes_nothing(tmp_path, arch_flags):
   last = res.stderr.strip().splitlines()[-1]
   assert last.startswith('error: ') and "unexpected key 'label_emb.weight'" in last
   assert '--cond' in last and not dst.exists()
+
+
+def test_conditional_head_requires_labels(states, arch_flags, golden):
+  d = _discriminator(states, arch_flags, 'cond', 'linear')
+  with pytest.raises(ValueError, match='class conditional'):
+    jax.eval_shape(d.log_ratio, golden['x'], golden['sigma'])

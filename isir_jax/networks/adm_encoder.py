@@ -20,9 +20,6 @@ import jax.numpy as jnp
 Array = jax.Array
 Dtype = Any
 
-_SUPPORTED_POOLS = ('attention', 'adaptive')
-
-
 def group_norm32(x: Array, name: str) -> Array:
   """ADM's GroupNorm32: 32 groups, eps 1e-5, computed in float32, cast back.
 
@@ -150,7 +147,9 @@ class AttentionPool2d(nn.Module):
 
 
 class EncoderUNetModel(nn.Module):
-  """ADM half-UNet classifier: timestep-conditioned trunk plus a pooling head.
+  """ADM half-UNet classifier: timestep-conditioned trunk plus an attention-pool head.
+
+  ADM's other poolings ('adaptive', 'spatial') are not ported: no DG checkpoint uses them.
 
   Attributes:
     image_size: input resolution (square).
@@ -165,7 +164,6 @@ class EncoderUNetModel(nn.Module):
     num_head_channels: channels per attention head (-1: use ``num_heads``).
     use_scale_shift_norm: FiLM-style ``norm(h) * (1 + scale) + shift`` conditioning.
     resblock_updown: downsample with a ResBlock instead of a strided conv.
-    pool: 'attention' (AttentionPool2d) or 'adaptive' (global average + 1x1 conv).
     num_classes: rows of the label embedding; 0 for an unconditional model (the DG
       conditional head has 1000, indexed by ``argmax`` of the one-hot label).
     dtype: compute dtype of convs, dense layers and attention (params stay float32;
@@ -183,7 +181,6 @@ class EncoderUNetModel(nn.Module):
   num_head_channels: int = -1
   use_scale_shift_norm: bool = False
   resblock_updown: bool = False
-  pool: str = 'adaptive'
   num_classes: int = 0
   dtype: Dtype = jnp.float32
 
@@ -210,9 +207,6 @@ class EncoderUNetModel(nn.Module):
     Returns:
       [B, out_channels] float32 logits, or the float32 features if ``feature``.
     """
-    if self.pool not in _SUPPORTED_POOLS:
-      raise ValueError(f'EncoderUNetModel: pool={self.pool!r}, expected one of '
-                       f'{_SUPPORTED_POOLS}')
     emb_dim = 4 * self.model_channels
     emb = timestep_embedding(timesteps * 999., self.model_channels)
     emb = nn.Dense(emb_dim, name='time_embed_0')(emb)
@@ -254,12 +248,8 @@ class EncoderUNetModel(nn.Module):
       return h
 
     h = nn.silu(group_norm32(h, 'out_0'))
-    if self.pool == 'attention':
-      if self.num_head_channels == -1:
-        raise ValueError('EncoderUNetModel: pool="attention" needs num_head_channels')
-      out = AttentionPool2d(self.image_size // ds, self.num_head_channels,
-                            self.out_channels, dtype=self.dtype, name='out_2')(h)
-    else:
-      h = h.mean(axis=(1, 2), keepdims=True).astype(self.dtype)
-      out = _conv(self.out_channels, 1, self.dtype, 'out_3')(h)[:, 0, 0]
+    if self.num_head_channels == -1:
+      raise ValueError('EncoderUNetModel: the attention pool needs num_head_channels')
+    out = AttentionPool2d(self.image_size // ds, self.num_head_channels, self.out_channels,
+                          dtype=self.dtype, name='out_2')(h)
     return out.astype(jnp.float32)
