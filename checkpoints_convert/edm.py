@@ -20,7 +20,6 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from checkpoints_convert.reader import (CheckpointError, ModuleRecord, get_network, main_guard,
@@ -76,8 +75,6 @@ def module_config(net: ModuleRecord, path: str) -> dict:
     if value is None:
       raise ConversionError(f'{path}: {name} has no attribute {field!r}')
     kwargs[field] = _plain(value)
-  if name == 'VPPrecond':  # sigma_min/max are derived from beta_d, beta_min, epsilon_t.
-    kwargs.pop('sigma_min', None)
 
   model = net.submodule('model')
   model_name = _bare(model.class_name)
@@ -144,20 +141,9 @@ def flax_variables(state_dict: dict[str, np.ndarray]) -> tuple[dict, dict[str, n
   return variables, computed
 
 
-def example_inputs(module: precond._Precond):  # pylint: disable=protected-access
-  """Smallest inputs that create every parameter (labels and augment labels included)."""
-  r, c = module.img_resolution, module.img_channels
-  x = jnp.zeros((1, r, r, c), jnp.float32)
-  sigma = jnp.ones((1,), jnp.float32)
-  labels = jnp.zeros((1, module.label_dim), jnp.float32) if module.label_dim else None
-  augment_dim = getattr(module.model, 'augment_dim', 0)
-  augment = jnp.zeros((1, augment_dim), jnp.float32) if augment_dim else None
-  return x, sigma, labels, augment
-
-
-def expected_shapes(module: precond._Precond) -> dict[str, tuple]:  # pylint: disable=protected-access
+def expected_shapes(module: precond.Precond) -> dict[str, tuple]:
   """``'collection/path/leaf' -> shape`` of the module's variables, by ``jax.eval_shape``."""
-  tree = jax.eval_shape(lambda: module.init(jax.random.key(0), *example_inputs(module)))
+  tree = jax.eval_shape(lambda: module.init(jax.random.key(0), *precond.example_inputs(module)))
   return _flat_shapes(tree)
 
 

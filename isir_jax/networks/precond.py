@@ -25,8 +25,12 @@ from isir_jax.networks.song_unet import SongUNet
 Array = jax.Array
 
 
-class _Precond(nn.Module):
-  """Shared forward pass; subclasses give the coefficients and ``round_sigma``."""
+class Precond(nn.Module):
+  """Base of the preconditioners: the shared forward pass.
+
+  Subclasses give ``coefficients``, ``sigma_min``/``sigma_max`` and, for discrete
+  models, ``round_sigma``. The wrapped ``model`` is a SongUNet or DhariwalUNet.
+  """
   model: nn.Module
   img_resolution: int
   img_channels: int
@@ -79,7 +83,7 @@ def _vp_sigma(beta_d: float, beta_min: float, t: float) -> float:
   return float(np.sqrt(f32(np.exp(np.float64(exponent))) - f32(1)))
 
 
-class VPPrecond(_Precond):
+class VPPrecond(Precond):
   """Variance-preserving preconditioning (DDPM++ / Song et al. VP SDE)."""
   beta_d: float = 19.9
   beta_min: float = 0.1
@@ -104,7 +108,7 @@ class VPPrecond(_Precond):
     return jnp.ones_like(sigma), -sigma, c_in, (self.M - 1) * self.sigma_inv(sigma)
 
 
-class VEPrecond(_Precond):
+class VEPrecond(Precond):
   """Variance-exploding preconditioning (NCSN++ / Song et al. VE SDE)."""
   sigma_min: float = 0.02
   sigma_max: float = 100.0
@@ -134,7 +138,7 @@ def iddpm_sigma_table(M: int, C_1: float, C_2: float) -> np.ndarray:  # pylint: 
   return u
 
 
-class iDDPMPrecond(_Precond):  # pylint: disable=invalid-name
+class iDDPMPrecond(Precond):  # pylint: disable=invalid-name
   """Improved-DDPM preconditioning over a discrete set of ``M`` noise levels.
 
   The network sees the index of the nearest level (``c_noise``); ``c_in`` and
@@ -171,7 +175,7 @@ class iDDPMPrecond(_Precond):  # pylint: disable=invalid-name
     return jnp.ones_like(sigma), -sigma, c_in, c_noise
 
 
-class EDMPrecond(_Precond):
+class EDMPrecond(Precond):
   """EDM's own preconditioning (Karras et al., 2022, Sec. 5)."""
   sigma_min: float = 0.0
   sigma_max: float = float('inf')
@@ -185,6 +189,21 @@ class EDMPrecond(_Precond):
     return c_skip, c_out, c_in, jnp.log(sigma) / 4
 
 
+def example_inputs(module: Precond) -> tuple:
+  """Smallest ``(x, sigma, class_labels, augment_labels)`` that create every parameter.
+
+  ``module.init(key, *example_inputs(module))`` gives freshly initialised variables
+  (EDM's initialisation), including the optional label and augmentation layers.
+  """
+  r, c = module.img_resolution, module.img_channels
+  x = jnp.zeros((1, r, r, c), jnp.float32)
+  sigma = jnp.ones((1,), jnp.float32)
+  labels = jnp.zeros((1, module.label_dim), jnp.float32) if module.label_dim else None
+  augment_dim = getattr(module.model, 'augment_dim', 0)
+  augment = jnp.zeros((1, augment_dim), jnp.float32) if augment_dim else None
+  return x, sigma, labels, augment
+
+
 PRECONDS = {cls.__name__: cls for cls in (VPPrecond, VEPrecond, iDDPMPrecond, EDMPrecond)}
 MODELS = {cls.__name__: cls for cls in (SongUNet, DhariwalUNet)}
 
@@ -194,7 +213,7 @@ def _freeze(value):
   return tuple(_freeze(v) for v in value) if isinstance(value, list) else value
 
 
-def build_precond(config: dict, dtype: Any = jnp.float32) -> _Precond:
+def build_precond(config: dict, dtype: Any = jnp.float32) -> Precond:
   """Builds a preconditioned network from its architecture config.
 
   Args:

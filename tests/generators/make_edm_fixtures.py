@@ -44,7 +44,7 @@ CONFIGS = {
     'adm_edm_cond': ('EDMPrecond', dict(
         img_resolution=8, img_channels=3, label_dim=10, model_type='DhariwalUNet',
         model_channels=16, channel_mult=[1, 4], channel_mult_emb=2, num_blocks=0,
-        attn_resolutions=[8, 4], dropout=0.1), ('scalar_sigma', 'no_labels')),
+        attn_resolutions=[8, 4], dropout=0.1), ('no_labels',)),
     # iDDPM: discrete noise levels, 2 * img_channels outputs, augmentation labels.
     'iddpm_adm': ('iDDPMPrecond', dict(
         img_resolution=8, img_channels=2, label_dim=0, model_type='DhariwalUNet',
@@ -56,7 +56,7 @@ CONFIGS = {
         embedding_type='positional', encoder_type='skip', decoder_type='standard',
         channel_mult_noise=1, resample_filter=[1, 1], model_channels=8,
         channel_mult=[1, 2], channel_mult_emb=2, num_blocks=1, attn_resolutions=[4],
-        augment_dim=9, dropout=0.13, sigma_min=0.002, sigma_max=80.0), ('no_labels', 'augment')),
+        augment_dim=9, dropout=0.13, sigma_min=0.002, sigma_max=80.0), ('augment',)),
 }
 
 
