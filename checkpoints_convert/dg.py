@@ -86,12 +86,12 @@ class Arch:
                    self.disc_depth, self.disc_attention_resolutions, CHANNEL_MULT.get(size, (1,)),
                    self.num_head_channels, self.num_classes if self.cond else 0)
 
-  def config(self) -> dict:
-    """The model directory's ``config.json`` for this architecture."""
+  def discriminator(self, params=None) -> dg.DGDiscriminator:
+    """The configured discriminator (abstract when ``params`` is None)."""
     time_map = self.time_map or ('cosine' if self.image_size == 64 else 'linear')
     return dg.DGDiscriminator.from_modules(
         dg.module_from_config(self.encoder_kwargs()), dg.module_from_config(self.head_kwargs()),
-        None, {'time_map': time_map, 'prob_clip': self.prob_clip}).to_config()
+        params, {'time_map': time_map, 'prob_clip': self.prob_clip})
 
 
 def _kwargs(image_size, in_channels, width, out_channels, depth, resolutions, mult,
@@ -223,10 +223,8 @@ def convert(classifier_state: Mapping[str, np.ndarray],
   Raises:
     ConversionError: listing every mismatch, missing key and extra key.
   """
-  config = arch.config()
-  encoder = dg.module_from_config(config['encoder'])
-  head = dg.module_from_config(config['head'])
-  shapes = dg.init_params(encoder, head, jax.random.key(0), abstract=True)
+  disc = arch.discriminator()
+  shapes = dg.init_params(disc.encoder, disc.head, jax.random.key(0), abstract=True)
   problems = (check_state_dict(classifier_state, torch_shapes(shapes['encoder']),
                                names[0], 'classifier')
               + check_state_dict(disc_state, torch_shapes(shapes['head']), names[1], 'disc'))
@@ -237,7 +235,7 @@ def convert(classifier_state: Mapping[str, np.ndarray],
   want = jax.tree_util.tree_map(lambda s: tuple(s.shape), shapes)
   if got != want:  # The key mapping itself is wrong: a bug here, not in the file.
     raise AssertionError(f'converted tree differs from eval_shape: {got} vs {want}')
-  return params, config
+  return params, disc.to_config()
 
 
 FLAGS = flags.FLAGS
@@ -287,7 +285,7 @@ def main(argv):
   try:
     states = [read_state_dict(p) for p in (FLAGS.classifier, FLAGS.discriminator)]
     params, config = convert(*states, arch, names=(FLAGS.classifier, FLAGS.discriminator))
-  except (CheckpointError, ConversionError, OSError) as e:
+  except (CheckpointError, ValueError, OSError) as e:  # ConversionError is a ValueError.
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   config['source'] = {'classifier': os.path.basename(FLAGS.classifier),
