@@ -225,12 +225,106 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 # ----------------------------------------------------------------------------- FID
 
+FID_STATS_NAME = 'fid_stats.npz'      # fid_stats mode: statistics of config.fid.dataset
+SAMPLE_STATS_NAME = 'eval_stats.npz'  # eval mode: statistics of the workdir's samples
+EVAL_NAME = 'eval.json'               # eval mode: the scores
+# Splits of the Inception Score, as the original improved-GAN code reports it.
+_IS_SPLITS = 10
+
+
+def _load_inception(config: ml_collections.ConfigDict):
+  """The FID Inception of ``config.fid.inception``, with one-line errors."""
+  from isir_jax import fid  # pylint: disable=g-import-not-at-top
+  directory = config.fid.inception
+  if not directory:
+    raise RunError('config.fid.inception is empty; convert the FID Inception with python -m '
+                   'checkpoints_convert.inception --src pt_inception-2015-12-05-6726825d.pth --dst DIR')
+  if not os.path.isdir(directory):
+    raise RunError(f'config.fid.inception={directory}: no such directory')
+  try:
+    return fid.InceptionFID.load(directory, batch_size=config.fid.batch_size)
+  except (FileNotFoundError, ValueError) as e:
+    raise RunError(f'config.fid.inception: {e}') from None
+
+
+def _dataset_images(dataset: str, batch_size: int):
+  """uint8 image batches of a dataset: npz shards (dir or file), or a folder/zip of images."""
+  from isir_jax import fid  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(dataset):
+    raise RunError(f'config.fid.dataset={dataset}: no such file or directory')
+  has_shards = os.path.isdir(dataset) and io.complete_shards(dataset)
+  if dataset.endswith('.npz') or has_shards:
+    return fid.iter_npz_images(dataset)
+  try:
+    return fid.iter_image_files(dataset, batch_size)
+  except FileNotFoundError as e:
+    raise RunError(f'config.fid.dataset: {e}') from None
+
 
 def fid_stats(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Computes the FID statistics of ``config.fid.dataset`` into ``workdir/fid_stats.npz``."""
-  raise RunError('fid_stats: not available yet (isir_jax.fid pending)')
+  """Computes the FID statistics of ``config.fid.dataset`` into ``workdir/fid_stats.npz``.
+
+  The file has EDM's layout (``mu``, ``sigma``) and serves as ``config.fid.ref_stats``.
+  """
+  from isir_jax import fid  # pylint: disable=g-import-not-at-top
+  if not config.fid.dataset:
+    raise RunError('config.fid.dataset is empty; set it to the images to compute reference '
+                   'statistics from (a dir of npz shards or images, an npz, or a zip)')
+  main = parallel.is_main_process()
+  if main:
+    _check_workdir(workdir)
+  net = _load_inception(config)
+  images = _dataset_images(config.fid.dataset, config.fid.batch_size)
+  mu, sigma = fid.compute_statistics(net, images, progress=main)
+  if main:
+    path = os.path.join(workdir, FID_STATS_NAME)
+    fid.save_stats(path, mu, sigma)
+    logging.info('statistics of %s written to %s', config.fid.dataset, path)
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Scores the samples in ``workdir`` against ``config.fid.ref_stats`` (FID, IS)."""
-  raise RunError('eval: not available yet (isir_jax.fid pending)')
+  """Scores the first ``config.sample.num_samples`` samples of ``workdir``: FID and IS.
+
+  Writes ``workdir/eval.json`` and the samples' statistics ``workdir/eval_stats.npz``.
+
+  Raises:
+    RunError: when the reference statistics are missing or of the wrong shape, or the
+      workdir holds fewer samples than asked for or was sampled with another config.
+  """
+  from isir_jax import fid  # pylint: disable=g-import-not-at-top
+  main = parallel.is_main_process()
+  if not config.fid.ref_stats:
+    raise RunError('config.fid.ref_stats is empty; set it to reference statistics (mu, sigma), '
+                   'e.g. EDM\'s cifar10-32x32.npz or the output of --mode=fid_stats')
+  shards = io.complete_shards(workdir)
+  if not shards or not os.path.isfile(os.path.join(workdir, io.RUN_CONFIG_NAME)):
+    raise RunError(f'--workdir={workdir} holds no samples; run --mode=sample first')
+  try:
+    io.check_run_config(workdir, run_config(config))
+  except ValueError as e:
+    raise RunError(str(e)) from None
+  available = sum(len(io.read_shard(io.shard_path(workdir, k))[0]) for k in shards)
+  num = config.sample.num_samples
+  if available < num:
+    raise RunError(f'--workdir={workdir} holds {available} samples, fewer than '
+                   f'config.sample.num_samples={num}; run --mode=sample to complete it')
+  if main:
+    _check_workdir(workdir)
+  net = _load_inception(config)
+  try:
+    mu_ref, sigma_ref = fid.load_stats(config.fid.ref_stats, dim=net.feature_dim)
+  except (FileNotFoundError, ValueError) as e:
+    raise RunError(f'config.fid.ref_stats: {e}') from None
+  images = fid.iter_npz_images([io.shard_path(workdir, k) for k in shards])
+  mu, sigma, logits = fid.compute_statistics(net, images, num=num, with_logits=True,
+                                             progress=main)
+  score = fid.frechet_distance(mu, sigma, mu_ref, sigma_ref)
+  is_mean, is_std = fid.inception_score(logits, num_splits=min(_IS_SPLITS, num))
+  if main:
+    fid.save_stats(os.path.join(workdir, SAMPLE_STATS_NAME), mu, sigma)
+    result = {'fid': float(score), 'inception_score': is_mean, 'inception_score_std': is_std,
+              'num_samples': num, 'ref_stats': config.fid.ref_stats}
+    text = json.dumps(result, indent=2)
+    io.atomic_write(os.path.join(workdir, EVAL_NAME), lambda f: f.write(text.encode()))
+    logging.info('FID %.4f, Inception Score %.3f +- %.3f (%d samples against %s)',
+                 score, is_mean, is_std, num, config.fid.ref_stats)
