@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from isir_jax.samplers import schedule
@@ -67,6 +68,11 @@ class StepSettings:
   def nfe(self, step: int) -> int:
     """Denoiser evaluations of one step: 2 with Heun, 1 for Euler and for the last step."""
     return 2 if self.heun and step < self.num_steps - 1 else 1
+
+  def total_nfe(self, proposals=None) -> int:
+    """Denoiser evaluations of a run, with ``proposals[i]`` step evaluations at step i."""
+    per = np.ones(self.num_steps, int) if proposals is None else np.asarray(proposals)
+    return int(sum(int(per[i]) * self.nfe(i) for i in range(self.num_steps)))
 
 
 def split_settings(settings: dict) -> tuple[StepSettings, dict]:
@@ -139,6 +145,41 @@ def full_rows(v: Array, rows: int) -> Array:
   return jnp.full([rows], v, jnp.float32)
 
 
+def initial_candidates(keys: Array, ids: Array, sigma_max: Array, shape,
+                       latents: Optional[Array] = None) -> Array:
+  """Initial states ``sigma_max * eps`` [B, c, *shape] of candidates ``ids`` of each sample.
+
+  Candidate 0 is the latent of `edm_sample`; user ``latents`` replace candidate 0.
+  """
+  eps = schedule.candidates_normal(jax.vmap(schedule.latent_key)(keys), ids, shape)
+  if latents is not None:
+    latents = schedule.check_latents(latents, keys.shape[0], shape)
+    first = (ids == 0).reshape((1, -1) + (1,) * len(shape))
+    eps = jnp.where(first, latents[:, None], eps)
+  return eps * sigma_max
+
+
+def propose(denoiser, x: Array, keys: Array, ids: Array, i, t: Array,
+            class_labels: Optional[Array], step: StepSettings, heun) -> Array:
+  """Candidates ``ids`` [c] of step i from every row of x [B, ...]: [B, c, ...].
+
+  Every candidate starts from the same ``(x_i, t_i)``; candidate c of sample b is churned
+  with the noise of ``fold_in(fold_in(fold_in(keys[b], i), 0), c)``. `edm_sample` takes
+  candidate 0, ISIR chooses among many.
+  """
+  batch, count, shape = x.shape[0], ids.shape[0], x.shape[1:]
+  rows = batch * count
+  eps = None
+  if step.stochastic:
+    skeys = jax.vmap(lambda k: schedule.step_key(k, i))(keys)
+    eps = schedule.candidates_normal(skeys, ids, shape).reshape((rows,) + shape)
+  labels = None if class_labels is None else jnp.repeat(class_labels, count, axis=0)
+  t_cur, t_next = full_rows(t[i], rows), full_rows(t[i + 1], rows)
+  x_new, _ = edm_step(denoiser, jnp.repeat(x, count, axis=0), t_cur, t_next, eps, labels,
+                      gamma=step.gamma(t_cur), S_noise=step.S_noise, heun=heun)
+  return x_new.reshape((batch, count) + shape)
+
+
 def edm_sample(denoiser, keys: Array, class_labels: Optional[Array] = None,
                latents: Optional[Array] = None, *, shape, **settings) -> tuple[Array, dict]:
   """EDM sampling: deterministic Heun/Euler ODE, or stochastic with churn (EDM Alg. 2).
@@ -157,21 +198,11 @@ def edm_sample(denoiser, keys: Array, class_labels: Optional[Array] = None,
   """
   step = _parse(settings)
   t = step.sigmas(denoiser)
-  batch = keys.shape[0]
-  x0 = schedule.initial_latents(keys, shape, latents) * t[0]
-
-  def body(x, i, heun):
-    t_cur, t_next = full_rows(t[i], batch), full_rows(t[i + 1], batch)
-    eps = None
-    if step.stochastic:
-      eps = schedule.batch_normal(jax.vmap(lambda k: schedule.step_key(k, i))(keys), 0, shape)
-    x, _ = edm_step(denoiser, x, t_cur, t_next, eps, class_labels, gamma=step.gamma(t_cur),
-                    S_noise=step.S_noise, heun=heun)
-    return x
-
+  first = jnp.arange(1)
+  x0 = initial_candidates(keys, first, t[0], shape, latents)[:, 0]
+  body = lambda x, i, heun: propose(denoiser, x, keys, first, i, t, class_labels, step, heun)[:, 0]
   x = run_steps(body, x0, step)
-  nfe = sum(step.nfe(i) for i in range(step.num_steps))
-  return x, {'nfe': jnp.full([batch], nfe, jnp.int32)}
+  return x, {'nfe': jnp.full([keys.shape[0]], step.total_nfe(), jnp.int32)}
 
 
 def make_sampler(sample: Callable, parse: Callable[[dict], Any], denoiser, discriminator=None,

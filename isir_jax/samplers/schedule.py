@@ -82,19 +82,17 @@ def choice_key(key: Array, iteration) -> Array:
   return jax.random.fold_in(jax.random.fold_in(key, _CHOICE), iteration)
 
 
-def batch_normal(keys: Array, candidate, shape) -> Array:
-  """``candidate_normal`` for each of the [B] keys: [B, *shape]."""
-  return jax.vmap(lambda k: candidate_normal(k, candidate, shape))(keys)
+def candidates_normal(keys: Array, candidates: Array, shape) -> Array:
+  """``candidate_normal`` of each of the [c] candidates under each of the [B] keys: [B, c, *shape]."""
+  return jax.vmap(lambda k: jax.vmap(lambda c: candidate_normal(k, c, shape))(candidates))(keys)
 
 
-def initial_latents(keys: Array, shape, latents=None) -> Array:
-  """Standard normal latents [B, *shape]: ``latents`` if given, else candidate 0 of each latent key."""
-  if latents is not None:
-    expected = (keys.shape[0],) + tuple(shape)
-    if tuple(latents.shape) != expected:
-      raise ValueError(f'samplers: latents must have shape {expected}, got {tuple(latents.shape)}')
-    return jnp.asarray(latents, jnp.float32)
-  return batch_normal(jax.vmap(latent_key)(keys), 0, shape)
+def check_latents(latents: Array, batch: int, shape) -> Array:
+  """Validates user latents [B, *shape] and returns them as float32."""
+  expected = (batch,) + tuple(shape)
+  if tuple(latents.shape) != expected:
+    raise ValueError(f'samplers: latents must have shape {expected}, got {tuple(latents.shape)}')
+  return jnp.asarray(latents, jnp.float32)
 
 
 # VP-SDE of the DG discriminators (beta_0 = 0.1, beta_1 = 20).

@@ -1,0 +1,309 @@
+"""Diffusion Rejection Sampling (DiffRS, Na et al. 2024) as one ``while_loop``.
+
+Thresholds come from a warm-up run of plain sampling (`estimate_thresholds`): per level k,
+``M_k`` is the ``rej_percentile`` quantile of ``d(x_k, t_k)`` and ``M2_k`` that of the
+increment ``d(x_k, t_k) - d(x_{k-1}, t_{k-1})`` (``M2_0 = 0``), both clipped at 0.
+
+Sampling, per sample (the seed's ``generate_diffrs.py``):
+  * level 0 (only if ``min_backsteps == 0``): accept the prior draw with probability
+    ``min(1, exp(d(x, t_0) - M_0))``, else redraw it from the prior;
+  * after a step to level k, with ``min_backsteps < k <= max_backsteps`` and
+    ``backsteps > 0``: accept with probability ``min(1, exp(d(x_k) - d(x_{k-1}) - M2_k))``;
+    on rejection re-noise back ``b = backsteps`` levels, ``x + sqrt(t_{k-b}^2 - t_k^2) eps``,
+    and test there with ``min(1, exp(d(x) - M_{k-b}))`` (the prior test at level 0),
+    repeating until a test accepts;
+  * a sample whose denoiser count plus the ``2 n - 1 - 2 k`` evaluations it still needs would
+    pass ``max_iter`` restarts from noise.
+
+Layout: ``slots`` lanes (default: the batch) each carry one sample at its own level. Every
+loop iteration evaluates the discriminator on all lanes (the pending test), then takes one
+EDM step on the lanes that passed it. A finished sample is written to its output row and its
+lane is refilled with the next sample of the batch. All randomness of sample b comes from
+``keys[b]`` (its n-th loop iteration uses ``fold_in(keys[b], n)``), so its result does not
+depend on the lane it ran in or on the batch.
+
+Deviations from the reference, all deliberate: a back-step never goes below level 0 (the
+reference would index ``t_{-1}``); ``nfe`` counts every denoiser evaluation spent on the
+sample, restarts included (the reference resets the count on restart); the increment test
+always uses the log ratio of the state the step started from (the reference reuses a stale
+value when that state was not tested, e.g. with ``min_backsteps > 0``).
+"""
+
+import dataclasses
+import math
+import os
+from typing import Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from isir_jax.samplers import edm, schedule
+
+Array = jax.Array
+
+
+class Thresholds(NamedTuple):
+  """DiffRS thresholds per level k = 0..n: ``log_ratio`` (M_k) and ``increment`` (M2_k)."""
+  log_ratio: np.ndarray
+  increment: np.ndarray
+
+
+def warmup_log_ratios(denoiser, discriminator, keys: Array,
+                      class_labels: Optional[Array] = None, *, shape,
+                      **settings) -> Array:
+  """Plain EDM sampling that records ``d(x_k, t_k)`` at every level k = 0..n: [B, n + 1].
+
+  Args:
+    denoiser, discriminator: the models.
+    keys: [B] per-sample keys (the trajectories are those of `edm_sample` with these keys).
+    class_labels: [B, label_dim] or None.
+    shape: static image shape.
+    **settings: `edm.StepSettings` fields, the same as the DiffRS sampler will use.
+  """
+  step, rest = edm.split_settings(settings)
+  if rest:
+    raise TypeError(f'diffrs.warmup_log_ratios: unknown settings {sorted(rest)}')
+  t = step.sigmas(denoiser)
+  batch = keys.shape[0]
+  first = jnp.arange(1)
+  x0 = edm.initial_candidates(keys, first, t[0], shape)[:, 0]
+  d = lambda x, k: discriminator.log_ratio(x, edm.full_rows(t[k], batch), class_labels)
+  log_ratios = jnp.zeros([batch, step.num_steps + 1]).at[:, 0].set(d(x0, 0))
+
+  def body(carry, i, heun):
+    x, lr = carry
+    x = edm.propose(denoiser, x, keys, first, i, t, class_labels, step, heun)[:, 0]
+    return x, lr.at[:, i + 1].set(d(x, i + 1))
+
+  return edm.run_steps(body, (x0, log_ratios), step)[1]
+
+
+def thresholds_from_log_ratios(log_ratios, rej_percentile: float,
+                               clip_at_zero: bool = True) -> Thresholds:
+  """Quantile thresholds from warm-up log ratios [S, n + 1] (linear interpolation, as torch)."""
+  lr = np.asarray(log_ratios, np.float64)
+  if not 0.0 <= rej_percentile <= 1.0:
+    raise ValueError(f'diffrs: rej_percentile must be in [0, 1], got {rej_percentile}')
+  m = np.quantile(lr, rej_percentile, axis=0)
+  m2 = np.concatenate([[0.0], np.quantile(np.diff(lr, axis=1), rej_percentile, axis=0)])
+  if clip_at_zero:
+    m, m2 = np.maximum(m, 0.0), np.maximum(m2, 0.0)
+  return Thresholds(m.astype(np.float32), m2.astype(np.float32))
+
+
+def estimate_thresholds(denoiser, discriminator, keys: Array,
+                        class_labels: Optional[Array] = None, *, shape,
+                        rej_percentile: float, clip_at_zero: bool = True,
+                        **settings) -> tuple[Thresholds, np.ndarray]:
+  """Warm-up run (jitted) and its thresholds; returns (thresholds, raw log ratios [B, n+1])."""
+  run = jax.jit(lambda k, c: warmup_log_ratios(denoiser, discriminator, k, c, shape=shape,
+                                               **settings))
+  log_ratios = np.asarray(run(keys, class_labels))
+  return thresholds_from_log_ratios(log_ratios, rej_percentile, clip_at_zero), log_ratios
+
+
+def save_thresholds(path: str, thresholds: Thresholds,
+                    log_ratios: Optional[np.ndarray] = None) -> None:
+  """Writes thresholds (and optionally the warm-up log ratios) to an npz file, atomically."""
+  arrays = dict(log_ratio=thresholds.log_ratio, increment=thresholds.increment)
+  if log_ratios is not None:
+    arrays['warmup_log_ratios'] = np.asarray(log_ratios)
+  tmp = path + '.tmp.npz'
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def load_thresholds(path: str) -> Thresholds:
+  """Reads thresholds written by `save_thresholds`."""
+  with np.load(path) as f:
+    missing = {'log_ratio', 'increment'} - set(f.files)
+    if missing:
+      raise ValueError(f'diffrs: {path} lacks {sorted(missing)} (has {sorted(f.files)})')
+    return Thresholds(f['log_ratio'], f['increment'])
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffRSSettings:
+  thresholds: Union[Thresholds, str, None] = None  # or the path of an npz
+  backsteps: int = 1
+  min_backsteps: int = 0
+  max_backsteps: Optional[int] = None   # default: num_steps
+  max_iter: int = 999999
+  slots: Optional[int] = None           # lanes; default: the batch size
+  max_loops: Optional[int] = None       # safety cap on loop iterations
+
+  def load(self, num_steps: int) -> Thresholds:
+    th = self.thresholds
+    if th is None:
+      raise ValueError('diffrs: thresholds are required (diffrs.estimate_thresholds, or a path '
+                       'to an npz from diffrs.save_thresholds)')
+    if isinstance(th, str):
+      th = load_thresholds(th)
+    th = Thresholds(np.asarray(th.log_ratio, np.float32), np.asarray(th.increment, np.float32))
+    for name, v in zip(Thresholds._fields, th):
+      if v.shape != (num_steps + 1,):
+        raise ValueError(f'diffrs: thresholds.{name} must have num_steps + 1 = '
+                         f'{num_steps + 1} entries, got shape {v.shape}')
+    return th
+
+
+def _parse(settings: dict) -> tuple[edm.StepSettings, DiffRSSettings, Thresholds]:
+  step, rest = edm.split_settings(settings)
+  cfg = DiffRSSettings(**rest)
+  if cfg.backsteps < 0 or cfg.min_backsteps < 0:
+    raise ValueError(f'diffrs: backsteps and min_backsteps must be >= 0, got '
+                     f'{cfg.backsteps}, {cfg.min_backsteps}')
+  return step, cfg, cfg.load(step.num_steps)
+
+
+class _Lanes(NamedTuple):
+  sample: Array      # [S] output row of the lane's sample, -1 when idle
+  x: Array           # [S, ...] state at level idx
+  idx: Array         # [S] level k (state at t_k)
+  test: Array        # [S] pending test: 0 none, 1 increment, 2 absolute
+  lr_prev: Array     # [S] d at the state the last step started from
+  events: Array      # [S] loop iterations of this sample so far (its key stream)
+  nfe_run: Array     # [S] denoiser evaluations since the last (re)start
+  nfe: Array         # [S] all denoiser evaluations of the sample
+  tests: Array       # [S] tests taken
+  accepts: Array     # [S] tests accepted
+  restarts: Array    # [S] max_iter restarts
+
+
+def diffrs_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Array] = None,
+                  latents: Optional[Array] = None, *, shape, **settings) -> tuple[Array, dict]:
+  """DiffRS sampling (see the module docstring).
+
+  Args:
+    denoiser, discriminator: the models (only ``discriminator.log_ratio`` is used).
+    keys: [B] per-sample keys.
+    class_labels: [B, label_dim] or None.
+    latents: optional [B, *shape] first prior draws (later draws come from the keys).
+    shape: static image shape.
+    **settings: `edm.StepSettings` fields plus thresholds (required), backsteps (1),
+      min_backsteps (0), max_backsteps (num_steps), max_iter, slots, max_loops.
+
+  Returns:
+    images [B, *shape] and stats: 'nfe' (denoiser evaluations, restarts included),
+    'accept_rate' (accepted / taken tests; 1 when none), 'restarts', 'finished' (False only
+    if the ``max_loops`` cap stopped the loop first).
+  """
+  step, cfg, th = _parse(settings)
+  n = step.num_steps
+  batch = keys.shape[0]
+  lanes = min(cfg.slots or batch, batch)
+  max_b = n if cfg.max_backsteps is None else cfg.max_backsteps
+  max_loops = cfg.max_loops or 1000 * n * math.ceil(batch / lanes)
+  t = step.sigmas(denoiser)
+  m_abs, m_inc = jnp.asarray(th.log_ratio), jnp.asarray(th.increment)
+  row = lambda m, x: m.reshape(m.shape + (1,) * (x.ndim - m.ndim))  # per-lane mask
+
+  def testable_after_step(k):
+    return (cfg.backsteps > 0) & (k > cfg.min_backsteps) & (k <= max_b)
+
+  def test_at(k, after_step: bool):
+    prior = (k == 0) & (cfg.min_backsteps == 0)
+    if after_step:
+      return jnp.where(testable_after_step(k), 1, 0)
+    return jnp.where(testable_after_step(k) | prior, 2, 0)
+
+  def fresh(sample):
+    """Lane state of a new sample (its first prior draw)."""
+    s = jnp.clip(sample, 0, batch - 1)
+    x = edm.initial_candidates(keys[s], jnp.arange(1), t[0], shape,
+                               None if latents is None else latents[s])[:, 0]
+    zeros = jnp.zeros_like(sample)
+    return _Lanes(sample, x, zeros, test_at(zeros, False), jnp.zeros(sample.shape), zeros,
+                  zeros, zeros, zeros, zeros, zeros)
+
+  def body(state):
+    ln, out, out_stats, next_sample, loop = state
+    active = ln.sample >= 0
+    s = jnp.clip(ln.sample, 0, batch - 1)
+    ekeys = jax.vmap(jax.random.fold_in)(keys[s], ln.events)
+    labels = None if class_labels is None else class_labels[s]
+    # Test the lane's current state (DiffRS acceptance), one discriminator call.
+    d = discriminator.log_ratio(ln.x, t[ln.idx], labels)
+    log_u = jnp.log(jax.vmap(lambda k: jax.random.uniform(schedule.choice_key(k, 0)))(ekeys))
+    margin = jnp.where(ln.test == 1, d - ln.lr_prev - m_inc[ln.idx], d - m_abs[ln.idx])
+    accept = (ln.test == 0) | (log_u < margin)
+    taken = active & (ln.test > 0)
+    # Rejected: back to the prior at level 0, else re-noise back `backsteps` levels.
+    back = jnp.minimum(cfg.backsteps, ln.idx)
+    idx_back = ln.idx - back
+    eps_back = jax.vmap(lambda k: schedule.candidate_normal(k, 1, shape))(ekeys)
+    x_back = jnp.where(
+        row(ln.idx == 0, ln.x), t[0] * eps_back,
+        ln.x + edm._rows(jnp.sqrt(t[idx_back] ** 2 - t[ln.idx] ** 2), ln.x) * eps_back)
+    # Accepted and not finished: one EDM step from level idx to idx + 1.
+    k = jnp.minimum(ln.idx, n - 1)
+    t_cur, t_next = t[k], t[k + 1]
+    heun = (k + 1 < n) if step.heun else False
+    eps_step = None
+    if step.stochastic:
+      eps_step = jax.vmap(lambda kk: schedule.candidate_normal(kk, 0, shape))(ekeys)
+    x_step, _ = edm.edm_step(denoiser, ln.x, t_cur, t_next, eps_step, labels,
+                             gamma=step.gamma(t_cur), S_noise=step.S_noise, heun=heun)
+    step_nfe = jnp.where(heun, 2, 1) if step.heun else jnp.ones_like(k)
+    done = active & accept & (ln.idx == n)
+    stepping = active & accept & (ln.idx < n)
+    rejected = active & ~accept
+    x = jnp.where(row(stepping, ln.x), x_step, jnp.where(row(rejected, ln.x), x_back, ln.x))
+    idx = jnp.where(stepping, ln.idx + 1, jnp.where(rejected, idx_back, ln.idx))
+    test = jnp.where(stepping, test_at(idx, True), jnp.where(rejected, test_at(idx, False),
+                                                             ln.test))
+    nfe_add = jnp.where(stepping, step_nfe, 0)
+    ln = ln._replace(
+        x=x, idx=idx, test=test, lr_prev=jnp.where(stepping, d, ln.lr_prev),
+        events=ln.events + active, nfe_run=ln.nfe_run + nfe_add, nfe=ln.nfe + nfe_add,
+        tests=ln.tests + taken, accepts=ln.accepts + (taken & accept))
+    # max_iter: restart samples that could no longer finish within the budget.
+    restart = active & ~done & (ln.nfe_run + 2 * n - 1 - 2 * ln.idx > cfg.max_iter)
+    eps_restart = jax.vmap(lambda kk: schedule.candidate_normal(kk, 2, shape))(ekeys)
+    zeros = jnp.zeros_like(ln.idx)
+    ln = ln._replace(
+        x=jnp.where(row(restart, ln.x), t[0] * eps_restart, ln.x),
+        idx=jnp.where(restart, 0, ln.idx), nfe_run=jnp.where(restart, 0, ln.nfe_run),
+        test=jnp.where(restart, test_at(zeros, False), ln.test),
+        restarts=ln.restarts + restart)
+    # Emit finished samples to their rows and refill their lanes with the next samples.
+    rows = jnp.where(done, ln.sample, batch)
+    out = out.at[rows].set(ln.x, mode='drop')
+    rate = jnp.where(ln.tests > 0, ln.accepts / jnp.maximum(ln.tests, 1), 1.0)
+    out_stats = {
+        'nfe': out_stats['nfe'].at[rows].set(ln.nfe, mode='drop'),
+        'accept_rate': out_stats['accept_rate'].at[rows].set(rate, mode='drop'),
+        'restarts': out_stats['restarts'].at[rows].set(ln.restarts, mode='drop'),
+        'finished': out_stats['finished'].at[rows].set(True, mode='drop'),
+    }
+    new_sample = next_sample + jnp.cumsum(done) - 1
+    new_sample = jnp.where(new_sample < batch, new_sample, -1)
+    refill = fresh(new_sample)
+    ln = jax.tree.map(lambda a, b: jnp.where(row(done, a), b, a), ln, refill)
+    return ln, out, out_stats, next_sample + jnp.sum(done), loop + 1
+
+  def cond(state):
+    ln, _, _, _, loop = state
+    return jnp.any(ln.sample >= 0) & (loop < max_loops)
+
+  ln = fresh(jnp.arange(lanes))
+  out = jnp.zeros((batch,) + tuple(shape), jnp.float32)
+  out_stats = {'nfe': jnp.zeros([batch], jnp.int32), 'accept_rate': jnp.zeros([batch]),
+               'restarts': jnp.zeros([batch], jnp.int32),
+               'finished': jnp.zeros([batch], bool)}
+  ln, out, out_stats, _, _ = lax.while_loop(
+      cond, body, (ln, out, out_stats, jnp.asarray(lanes), jnp.asarray(0)))
+  # Samples cut off by max_loops: their current state, marked unfinished.
+  rows = jnp.where(ln.sample >= 0, ln.sample, batch)
+  out = out.at[rows].set(ln.x, mode='drop')
+  out_stats['nfe'] = out_stats['nfe'].at[rows].set(ln.nfe, mode='drop')
+  return out, out_stats
+
+
+def diffrs_sampler(denoiser, discriminator=None, *, shape, **settings) -> Callable:
+  """Registry factory: ``diffrs_sampler(denoiser, discriminator, shape=..., thresholds=...)``."""
+  if discriminator is None:
+    raise ValueError('diffrs sampler: a discriminator is required (got None)')
+  return edm.make_sampler(diffrs_sample, _parse, denoiser, discriminator, shape=shape, **settings)

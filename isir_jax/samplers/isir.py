@@ -1,0 +1,247 @@
+"""Diffusion ISIR: each reverse step corrected by iterated sampling-importance-resampling.
+
+One reverse step from ``x`` at ``t_i`` targets ``p(x'|x) ∝ q(x'|x) r(x') / r(x)`` with ``q`` the
+model's *stochastic* EDM step (churn > 0) and ``r = exp(d(., t_{i+1}))`` the discriminator's
+density ratio. i-SIR with N candidates and K iterations (Andrieu et al. 2018):
+
+  iteration 1:   draw N proposals x'_1..x'_N ~ q(.|x), pick j with probability ∝ r(x'_j);
+  iteration k>1: candidate 1 is the current pick (with its weight), draw N-1 fresh proposals,
+                 pick again.
+
+The pick after K iterations is the next state. ``r(x)`` is common to all candidates and
+cancels. The initial state ``x_T`` is chosen by the same i-SIR among ``sigma_max * eps``
+draws weighted by ``exp(d(x, t_0))``. Every candidate of a step starts from the same
+``(x_i, t_i)``; all B*N candidates of an iteration go through one denoiser call per solver
+stage and one discriminator call (or ``candidate_chunk``-sized pieces of it, mapped by
+``lax.map``, with identical results). Denoiser evaluations per step: ``2 (N + (K-1)(N-1))``
+(the last step, Euler, half that).
+
+Per-step schedules: ``num_candidates`` / ``num_iterations`` are ints or per-step sequences
+(length ``num_steps``); `adaptive_schedule` gives the seed's rule from DiffRS margins. With a
+variable N the candidate batch has the static size ``max N_i`` and the candidates beyond
+``N_i`` get zero weight (they are computed, but not counted in ``nfe``); a variable K is a
+``while_loop`` bound, so it costs only what it uses.
+
+Keys: candidate c of step i of sample b draws its churn noise from
+``fold_in(fold_in(fold_in(keys[b], i), 0), c)`` -- candidate 0 of iteration 1 is exactly the
+noise of `edm_sample`, so N = 1 reproduces stochastic EDM bit for bit.
+"""
+
+import dataclasses
+import math
+from typing import Callable, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from isir_jax.samplers import edm, schedule
+
+Array = jax.Array
+IntOrSteps = Union[int, Sequence[int]]
+
+
+def adaptive_schedule(margins) -> tuple[np.ndarray, np.ndarray]:
+  """The seed's adaptive (N_i, K_i) from DiffRS margins ``M_i`` (e.g. `Thresholds.increment[1:]`).
+
+  ``N_i = ceil(2 M_i + 1)``, ``rho_i = 2 M_i / (2 M_i + N_i - 1)``,
+  ``K_i = ceil(-3 ln 10 / ln rho_i)`` (so that ``rho_i^K_i <= 1e-3``), ``K_i = 1`` where ``N_i = 1``.
+
+  Args:
+    margins: [n] non-negative margins, one per reverse step.
+
+  Returns:
+    int arrays N [n], K [n].
+  """
+  m = np.asarray(margins, np.float64)
+  if np.any(m < 0):
+    raise ValueError(f'isir.adaptive_schedule: margins must be >= 0, got {m}')
+  n = np.ceil(2 * m + 1).astype(int)
+  with np.errstate(divide='ignore', invalid='ignore'):
+    rho = 2 * m / (2 * m + n - 1)
+    k = np.ceil(-3 * np.log(10) / np.log(rho))
+  k = np.where(n == 1, 1, k).astype(int)
+  return n, k
+
+
+@dataclasses.dataclass(frozen=True)
+class ISIRSettings:
+  """ISIR-specific settings (the step itself is `edm.StepSettings`)."""
+  num_candidates: IntOrSteps = 16
+  num_iterations: IntOrSteps = 1
+  initial_candidates: Optional[int] = None   # default: max of num_candidates
+  initial_iterations: Optional[int] = None   # default: max of num_iterations
+  candidate_chunk: Optional[int] = None      # candidates per call (None: all at once)
+  initial_only: bool = False                 # i-SIR on the initial latent only
+
+  def per_step(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-step (N_i, K_i) int arrays [num_steps]; (1, 1) everywhere if `initial_only`."""
+    out = []
+    for name in ('num_candidates', 'num_iterations'):
+      v = np.broadcast_to(np.asarray(getattr(self, name), int), (num_steps,)) if np.ndim(
+          getattr(self, name)) == 0 else np.asarray(getattr(self, name), int)
+      if v.shape != (num_steps,) or np.any(v < 1):
+        raise ValueError(f'isir: {name} must be an int >= 1 or {num_steps} ints >= 1 '
+                         f'(one per step), got {getattr(self, name)!r}')
+      out.append(np.ones(num_steps, int) if self.initial_only else v)
+    return out[0], out[1]
+
+  def initial(self) -> tuple[int, int]:
+    n = self.initial_candidates or int(np.max(self.num_candidates))
+    k = self.initial_iterations or int(np.max(self.num_iterations))
+    if n < 1 or k < 1:
+      raise ValueError(f'isir: initial_candidates/initial_iterations must be >= 1, got {n}, {k}')
+    return n, k
+
+
+def _parse(settings: dict) -> tuple[edm.StepSettings, ISIRSettings]:
+  step, rest = edm.split_settings(settings)
+  cfg = ISIRSettings(**rest)
+  n, _ = cfg.per_step(step.num_steps)
+  if n.max() > 1 and not step.stochastic:
+    raise ValueError(
+        f'isir: the proposal is deterministic (S_churn={step.S_churn}, S_noise={step.S_noise}, '
+        f'S_min={step.S_min}, S_max={step.S_max}), so the num_candidates={cfg.num_candidates} '
+        'candidates of a reverse step would all be the same point and only the initial-latent '
+        'stage would act. Set S_churn > 0 for a stochastic proposal, or initial_only=True to '
+        'run the initial-latent selection alone.')
+  if cfg.candidate_chunk is not None and cfg.candidate_chunk < 1:
+    raise ValueError(f'isir: candidate_chunk must be >= 1 or None, got {cfg.candidate_chunk}')
+  return step, cfg
+
+
+def normalised_ess(log_w: Array, active) -> Array:
+  """``(sum w)^2 / (sum w^2) / N`` per row of log weights [B, N_max] with ``active`` of them live."""
+  w = jnp.exp(log_w - jnp.max(log_w, axis=1, keepdims=True))
+  return jnp.sum(w, 1) ** 2 / jnp.sum(w ** 2, 1) / active
+
+
+def _chunked(evaluate: Callable, ids: Array, chunk: Optional[int]):
+  """``evaluate(ids [c]) -> (x [B, c, ...], log_w [B, c])``, in chunks of ``chunk`` ids."""
+  count = ids.shape[0]
+  if chunk is None or chunk >= count:
+    return evaluate(ids)
+  pieces = -(-count // chunk)
+  # Padding ids are just further candidate indices; their results are dropped.
+  padded = ids[0] + jnp.arange(pieces * chunk)
+  xs, lw = lax.map(evaluate, padded.reshape(pieces, chunk))         # [P, B, c, ...], [P, B, c]
+  xs = jnp.moveaxis(xs, 0, 1).reshape((xs.shape[1], pieces * chunk) + xs.shape[3:])
+  lw = jnp.moveaxis(lw, 0, 1).reshape(lw.shape[1], pieces * chunk)
+  return xs[:, :count], lw[:, :count]
+
+
+def isir_chain(propose: Callable, choice_keys: Array, n_active, n_max: int, iterations,
+               chunk: Optional[int] = None) -> tuple[Array, Array, Array]:
+  """i-SIR over candidates from ``propose``: K iterations, N candidates.
+
+  Args:
+    propose: ``propose(ids [c]) -> (x [B, c, ...], log_w [B, c])`` for candidate indices ids;
+      candidates with different ids are independent draws.
+    choice_keys: [B] keys of the choices (iteration k uses ``schedule.choice_key(., k)``).
+    n_active: N (int or traced scalar <= n_max); candidates beyond it get zero weight.
+    n_max: static candidate batch size.
+    iterations: K (int or traced scalar >= 1).
+    chunk: optional number of candidates per call.
+
+  Returns:
+    The pick [B, ...], its log weight [B], and the mean normalised ESS over iterations [B].
+  """
+  def choose(xs, lw, k):
+    idx = jax.vmap(lambda kk, l: jax.random.categorical(schedule.choice_key(kk, k), l))(
+        choice_keys, lw)
+    pick = jnp.take_along_axis(xs, idx.reshape((-1, 1) + (1,) * (xs.ndim - 2)), axis=1)[:, 0]
+    return pick, jnp.take_along_axis(lw, idx[:, None], axis=1)[:, 0]
+
+  slots = jnp.arange(n_max)
+  # Iteration 1: N fresh proposals.
+  xs, lw = _chunked(propose, slots, chunk)
+  if n_max == 1:  # Nothing to choose: plain sampling from the proposal.
+    return xs[:, 0], lw[:, 0], jnp.ones(lw.shape[:1])
+  lw = jnp.where(slots < n_active, lw, -jnp.inf)
+  pick, pick_lw = choose(xs, lw, 0)
+  ess = normalised_ess(lw, n_active)
+
+  def iteration(k, carry):
+    # Iteration k > 1: the current pick is candidate 1, with its weight; N-1 fresh proposals.
+    pick, pick_lw, ess = carry
+    fresh, fresh_lw = _chunked(propose, n_max + (k - 1) * (n_max - 1) + slots[:-1], chunk)
+    xs = jnp.concatenate([pick[:, None], fresh], axis=1)
+    lw = jnp.concatenate([pick_lw[:, None], jnp.where(slots[1:] < n_active, fresh_lw, -jnp.inf)],
+                         axis=1)
+    pick, pick_lw = choose(xs, lw, k)
+    return pick, pick_lw, ess + normalised_ess(lw, n_active)
+
+  pick, pick_lw, ess = lax.fori_loop(1, iterations, iteration, (pick, pick_lw, ess))
+  return pick, pick_lw, ess / iterations
+
+
+def isir_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Array] = None,
+                latents: Optional[Array] = None, *, shape, **settings) -> tuple[Array, dict]:
+  """Diffusion ISIR sampling (see the module docstring for the method).
+
+  Args:
+    denoiser: a `Denoiser`.
+    discriminator: a `Discriminator` (only ``log_ratio`` is used).
+    keys: [B] per-sample keys.
+    class_labels: [B, label_dim] or None.
+    latents: optional [B, *shape] standard normal latents; they replace candidate 0 of the
+      initial stage (the other candidates still come from the keys).
+    shape: static image shape.
+    **settings: `edm.StepSettings` fields (S_churn must be > 0 when N > 1) plus
+      num_candidates (N, int or per step), num_iterations (K, int or per step),
+      initial_candidates, initial_iterations, candidate_chunk, initial_only.
+
+  Returns:
+    images [B, *shape] and stats: 'nfe' [B] (denoiser evaluations), 'ess' [B] (mean over
+    reverse steps of the normalised ESS of the i-SIR weights, averaged over iterations),
+    'ess_initial' [B] (the same for the initial stage).
+  """
+  step, cfg = _parse(settings)
+  n_steps, k_steps = cfg.per_step(step.num_steps)
+  n0, k0 = cfg.initial()
+  n_max = int(n_steps.max())
+  t = step.sigmas(denoiser)
+  batch = keys.shape[0]
+
+  def log_weights(x, sigma, needed: bool):
+    """log r(x) [B, c] of candidates x [B, c, ...] (zeros where there is nothing to choose)."""
+    count = x.shape[1]
+    if not needed:
+      return jnp.zeros([batch, count])
+    labels = None if class_labels is None else jnp.repeat(class_labels, count, axis=0)
+    lw = discriminator.log_ratio(x.reshape((batch * count,) + x.shape[2:]),
+                                 edm.full_rows(sigma, batch * count), labels)
+    return lw.reshape(batch, count)
+
+  # Initial stage: i-SIR among sigma_max * eps weighted by exp(d(x, t_0)).
+  def propose_latent(ids):
+    x = edm.initial_candidates(keys, ids, t[0], shape, latents)
+    return x, log_weights(x, t[0], n0 > 1)
+
+  lkeys = jax.vmap(schedule.latent_key)(keys)
+  x0, _, ess0 = isir_chain(propose_latent, lkeys, n0, n0, k0, cfg.candidate_chunk)
+
+  def body(carry, i, heun):
+    x, ess_sum = carry
+
+    def propose(ids):
+      x_new = edm.propose(denoiser, x, keys, ids, i, t, class_labels, step, heun)
+      return x_new, log_weights(x_new, t[i + 1], n_max > 1)
+
+    skeys = jax.vmap(lambda k: schedule.step_key(k, i))(keys)
+    x, _, ess = isir_chain(propose, skeys, jnp.asarray(n_steps)[i], n_max,
+                           jnp.asarray(k_steps)[i], cfg.candidate_chunk)
+    return x, ess_sum + ess
+
+  x, ess_sum = edm.run_steps(body, (x0, jnp.zeros([batch])), step)
+  nfe = step.total_nfe(n_steps + (k_steps - 1) * (n_steps - 1))
+  return x, {'nfe': jnp.full([batch], nfe, jnp.int32), 'ess': ess_sum / step.num_steps,
+             'ess_initial': ess0}
+
+
+def isir_sampler(denoiser, discriminator=None, *, shape, **settings) -> Callable:
+  """Registry factory: ``isir_sampler(denoiser, discriminator, shape=..., S_churn=..., ...)``."""
+  if discriminator is None:
+    raise ValueError('isir sampler: a discriminator is required (got None)')
+  return edm.make_sampler(isir_sample, _parse, denoiser, discriminator, shape=shape, **settings)
