@@ -26,7 +26,7 @@ ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 def _encoder(**kw) -> ml_collections.ConfigDict:
   """ADM EncoderUNetModel kwargs (tiny versions of DG's classifier and head)."""
   base = dict(num_res_blocks=1, num_heads=1, num_head_channels=32,
-              use_scale_shift_norm=True, resblock_updown=True, pool='attention',
+              use_scale_shift_norm=True, resblock_updown=True,
               num_classes=0)
   return ml_collections.ConfigDict(dict(base, **kw))
 
@@ -45,8 +45,9 @@ def train_config() -> ml_collections.ConfigDict:
   t.denoiser = ml_collections.ConfigDict(dict(
       out=os.path.join(ASSETS, 'denoiser'),
       conditional=False,           # class-conditional denoiser (label_dim 10)
-      model_channels=32, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,),
-      num_steps=8000, batch_size=128, lr=2e-3, warmup_steps=200, ema_decay=0.999,
+      model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,),
+      p_mean=-1.2, p_std=1.2, sigma_data=0.5,
+      num_steps=4000, batch_size=64, lr=2e-3, warmup_steps=200, ema_decay=0.999,
       grad_clip=1.0, ckpt_every=1000, log_every=100))
 
   # Plays ADM's 32x32_classifier.pt: trunk features 4x4x64 feed the head.
@@ -55,7 +56,7 @@ def train_config() -> ml_collections.ConfigDict:
       arch=_encoder(image_size=8, in_channels=1, model_channels=32, out_channels=10,
                     channel_mult=(1, 2), attention_resolutions=(2,)),
       importance=False,            # ADM trains its classifier at uniform times
-      num_steps=3000, batch_size=128, lr=1e-3, ckpt_every=1000, log_every=100))
+      num_steps=2000, batch_size=64, lr=1e-3, ckpt_every=1000, log_every=100))
 
   # DG's train.py: Adam 3e-4, weight decay 1e-7, BCE, importance-sampled VP time.
   t.discriminator = ml_collections.ConfigDict(dict(
@@ -71,6 +72,27 @@ def train_config() -> ml_collections.ConfigDict:
       num_steps=3000, batch_size=128, lr=3e-4, weight_decay=1e-7,
       ckpt_every=1000, log_every=100))
   return t
+
+
+def demo_samplers(thresholds: str) -> ml_collections.ConfigDict:
+  """``config.demo.samplers``: one section per demo method, passed to ``get_sampler(name)``.
+
+  18 Heun steps (35 NFE) as EDM's CIFAR-10 setting. ISIR needs stochastic proposals
+  (churn > 0, DESIGN.md section 3): with a deterministic step all candidates coincide.
+  """
+  step = dict(num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0)
+  window = dict(time_min=0.01, time_max=1.0)   # VP times where the discriminator acts
+  churn = dict(S_churn=5.0, S_min=0.01, S_max=50.0, S_noise=1.0)
+  return ml_collections.ConfigDict({
+      'edm': dict(name='edm', **step),
+      # EDM-G++ (Kim et al. 2023): w1 = 2 in the Euler part, none in the Heun correction.
+      'dg': dict(name='dg', dg_weight_1st_order=2.0, dg_weight_2nd_order=0.0, **step, **window),
+      # DiffRS (Na et al. 2024): thresholds from a warm-up at rej_percentile 0.75.
+      'diffrs': dict(name='diffrs', thresholds=thresholds, backsteps=1, max_iter=105,
+                     **step),
+      # i-SIR, N candidates x K iterations per step: 2 (N + (K-1)(N-1)) NFE per step.
+      'isir_stochastic': dict(name='isir', num_candidates=4, num_iterations=2, **step, **churn),
+  })
 
 
 def get_config(arg: str | None = None):
@@ -92,6 +114,9 @@ def get_config(arg: str | None = None):
   config.demo.feature_net = os.path.join(ASSETS, 'feature_net')
   config.demo.ref_stats = os.path.join(ASSETS, 'feature_stats.npz')
   config.demo.diffrs_thresholds = os.path.join(ASSETS, 'diffrs_thresholds.npz')
+  config.demo.rej_percentile = 0.75     # DiffRS warm-up quantile behind diffrs_thresholds
+  config.demo.warmup_samples = 512      # warm-up samples of EDM for the DiffRS thresholds
+  config.demo.samplers = demo_samplers(config.demo.diffrs_thresholds)
 
   config.train = train_config()
   if 'tiny' in flags:

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 
 from isir_jax import checkpoints
+from isir_jax import fid_math
 from isir_jax.train import digits_data
 from isir_jax.train import loop
 
@@ -101,3 +102,15 @@ def train_feature_net(out_dir: str, workdir: Optional[str], *, num_steps: int = 
             'test_accuracy': test_acc, 'num_steps': num_steps}
   checkpoints.save_model(out_dir, state.params, config)
   return {'loss': history[-1]['loss'] if history else float('nan'), 'test_accuracy': test_acc}
+
+
+def reference_stats(net: FeatureNet, images: np.ndarray, path: str) -> None:
+  """Writes the feature statistics (``mu``, ``sigma``, EDM's npz format) of ``images``."""
+  fid_math.save_stats(path, *fid_math.feature_statistics(net.features(images)))
+
+
+def fd_digits(net: FeatureNet, images: np.ndarray, ref_stats: str) -> float:
+  """FD-digits: Frechet distance of the features of ``images`` to the reference stats."""
+  feats = net.features(images)
+  mu_ref, sigma_ref = fid_math.load_stats(ref_stats, dim=feats.shape[1])
+  return fid_math.frechet_distance(*fid_math.feature_statistics(feats), mu_ref, sigma_ref)

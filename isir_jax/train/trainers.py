@@ -18,6 +18,8 @@ import numpy as np
 
 from isir_jax import checkpoints
 from isir_jax import discriminator as dg
+from isir_jax import denoiser as denoiser_lib
+from isir_jax.networks import precond
 from isir_jax.networks.adm_encoder import EncoderUNetModel
 from isir_jax.train import digits_data
 from isir_jax.train import feature_net
@@ -85,6 +87,52 @@ def load_shards(directory: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
   parts = [load_images(p) for p in sorted(paths, key=key)]
   labels = None if parts[0][1] is None else np.concatenate([p[1] for p in parts])
   return np.concatenate([p[0] for p in parts]), labels
+
+
+def denoiser_module_config(cfg: ml_collections.ConfigDict, resolution: int, channels: int
+                           ) -> dict:
+  """The ``build_precond`` config of the demo denoiser: EDMPrecond around a small SongUNet."""
+  label_dim = digits_data.NUM_CLASSES if cfg.conditional else 0
+  unet = dict(img_resolution=resolution, in_channels=channels, out_channels=channels,
+              label_dim=label_dim, model_channels=cfg.model_channels,
+              channel_mult=list(cfg.channel_mult), num_blocks=cfg.num_blocks,
+              attn_resolutions=list(cfg.attn_resolutions), dropout=0.0)
+  return {'class_name': 'EDMPrecond',
+          'kwargs': dict(img_resolution=resolution, img_channels=channels, label_dim=label_dim,
+                         sigma_data=cfg.sigma_data),
+          'model': {'class_name': 'SongUNet', 'kwargs': unet}}
+
+
+def train_denoiser(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains the demo's EDM denoiser on the digits and saves its EMA weights.
+
+  EDM loss and preconditioning (Karras et al. 2022, Sec. 5): ``ln sigma ~
+  N(P_mean, P_std^2)``, weight ``(sigma^2 + sd^2) / (sigma sd)^2``; the saved model
+  (``train.denoiser.out``, readable by ``load_denoiser``) holds the EMA of the weights.
+  """
+  cfg = config.train.denoiser
+  images, labels = digits_data.load_digits(config.data.path)
+  module_config = denoiser_module_config(cfg, images.shape[1], images.shape[3])
+  module = precond.build_precond(module_config)
+  data = {'image': images}
+  one_hot = None
+  if cfg.conditional:
+    data['label'] = np.eye(digits_data.NUM_CLASSES, dtype=np.float32)[labels]
+    one_hot = data['label'][:1]
+  variables = module.init(jax.random.key(config.seed), images[:1], jnp.ones((1,)), one_hot)
+
+  def loss_fn(v, batch, key):
+    denoise = lambda x, s, c: module.apply(v, x, s, c)
+    loss = losses.edm_loss(denoise, batch['image'], key, batch.get('label'),
+                           p_mean=cfg.p_mean, p_std=cfg.p_std, sigma_data=cfg.sigma_data)
+    return loss, {}
+
+  state, history = _run(cfg, loss_fn, variables, data, workdir, 'denoiser', config.seed)
+  checkpoints.save_model(cfg.out, state.ema_params,
+                         {'family': denoiser_lib.FAMILY, 'module': module_config,
+                          'source': 'isir_jax.train.trainers.train_denoiser',
+                          'num_steps': cfg.num_steps})
+  return history[-1]
 
 
 def load_classifier(directory: str) -> tuple[dict, Any]:
@@ -193,9 +241,15 @@ def train_discriminator(config: ml_collections.ConfigDict, workdir: str) -> dict
 
 
 def train_feature_net(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains the clean-digit classifier whose features define FD-digits."""
+  """Trains the clean-digit classifier whose features define FD-digits.
+
+  Also writes the reference statistics of all real digits (``train.feature_net.ref_stats``).
+  """
   cfg = config.train.feature_net
-  return feature_net.train_feature_net(
+  metrics = feature_net.train_feature_net(
       cfg.out, os.path.join(workdir, 'train_feature_net'), num_steps=cfg.num_steps,
       batch_size=cfg.batch_size, lr=cfg.lr, seed=config.seed, channels=tuple(cfg.channels),
       feature_dim=cfg.feature_dim, data_path=config.data.path)
+  images, _ = digits_data.load_digits(config.data.path)
+  feature_net.reference_stats(feature_net.load_feature_net(cfg.out), images, cfg.ref_stats)
+  return metrics
