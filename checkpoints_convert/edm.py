@@ -137,7 +137,7 @@ def flax_variables(state_dict: dict[str, np.ndarray]) -> tuple[dict, dict[str, n
     node = variables.setdefault(collection, {})
     for part in path:
       node = node.setdefault(part, {})
-    node[leaf] = np.ascontiguousarray(value)
+    node[leaf] = value
   return variables, computed
 
 

@@ -7,6 +7,7 @@ torch cannot be imported, loaded with ``load_denoiser`` and compared per sample 
 ``max|jax - torch| <= 1e-4 * (1 + max|torch|)``.
 """
 
+import json
 import os
 import pathlib
 import subprocess
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 
 from checkpoints_convert import edm
-from checkpoints_convert.reader import read_network_pickle
+from checkpoints_convert.reader import ModuleRecord, read_network_pickle
 from isir_jax import checkpoints
 from isir_jax.denoiser import Denoiser, load_denoiser
 from isir_jax.networks import layers
@@ -166,6 +167,25 @@ def test_structure_mismatch_names_the_key():
   wider = edm.expected_shapes(precond.build_precond(config['module']))
   with pytest.raises(edm.ConversionError, match=r'f\.pkl: params/model/\S+ has shape'):
     edm.check_structure(variables, wider, 'f.pkl')
+
+
+@pytest.mark.parametrize('name', ['edm-cifar10-32x32-cond-vp', 'edm-cifar10-32x32-uncond-ve',
+                                  'edm-ffhq-64x64-uncond-vp', 'edm-imagenet-64x64-cond-adm'])
+def test_published_architectures_convert_shape_for_shape(name):
+  """Full-size structure check on the reference's state-dict shapes (no weights)."""
+  with open(DATA / 'published_shapes.json') as f:
+    ref = json.load(f)[name]
+  model = ModuleRecord(ref['model_class_name'], {}, ref['model_init_kwargs'])
+  net = ModuleRecord(ref['class_name'], {**ref['attrs'], '_modules': {'model': model}})
+  config = edm.module_config(net, name)
+  module = precond.build_precond(config)
+  state = {k: np.broadcast_to(np.float32(0), shape) for k, shape in ref['shapes'].items()}
+  variables, computed = edm.flax_variables(state)
+  edm.check_structure(variables, edm.expected_shapes(module), name)
+  assert all(k.endswith('resample_filter') for k in computed)
+  num_params = sum(np.size(v) for v in jax.tree_util.tree_leaves(variables['params']))
+  assert num_params == ref['num_params']  # torch parameters; Fourier freqs are buffers
+  assert module.sigma_min == pytest.approx(ref['attrs']['sigma_min'], rel=1e-6)
 
 
 def test_cli_error_is_one_line_and_writes_nothing(tmp_path):

@@ -9,9 +9,11 @@ output convs), pickles it as EDM's training loop does (``{'ema', 'loss_fn',
 'augment_pipe', 'dataset_kwargs'}``) with the embedded ``module_src`` replaced by a
 placeholder, and saves inputs and reference outputs (float32, as the reference
 computes) to ``<name>.npz``. A stand-alone two-head attention block and a wide
-GroupNorm are saved as state dicts in ``unetblock_heads.npz``.
+GroupNorm are saved as state dicts in ``unetblock_heads.npz``; the architectures of
+the published checkpoints as state-dict shapes in ``published_shapes.json``.
 """
 
+import json
 import os
 import pickle
 import sys
@@ -57,6 +59,30 @@ CONFIGS = {
         channel_mult_noise=1, resample_filter=[1, 1], model_channels=8,
         channel_mult=[1, 2], channel_mult_emb=2, num_blocks=1, attn_resolutions=[4],
         augment_dim=9, dropout=0.13, sigma_min=0.002, sigma_max=80.0), ('augment',)),
+}
+
+
+# The published checkpoints' architectures (EDM README/train.py: --arch, --cres, --augment,
+# --cond), for a shapes-only check of the converter at full size.
+PUBLISHED = {
+    'edm-cifar10-32x32-cond-vp': ('VPPrecond', dict(
+        img_resolution=32, img_channels=3, label_dim=10, model_type='SongUNet',
+        embedding_type='positional', encoder_type='standard', decoder_type='standard',
+        channel_mult_noise=1, resample_filter=[1, 1], model_channels=128,
+        channel_mult=[2, 2, 2], augment_dim=9, dropout=0.13)),
+    'edm-cifar10-32x32-uncond-ve': ('VEPrecond', dict(
+        img_resolution=32, img_channels=3, label_dim=0, model_type='SongUNet',
+        embedding_type='fourier', encoder_type='residual', decoder_type='standard',
+        channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128,
+        channel_mult=[2, 2, 2], augment_dim=9, dropout=0.13)),
+    'edm-ffhq-64x64-uncond-vp': ('VPPrecond', dict(
+        img_resolution=64, img_channels=3, label_dim=0, model_type='SongUNet',
+        embedding_type='positional', encoder_type='standard', decoder_type='standard',
+        channel_mult_noise=1, resample_filter=[1, 1], model_channels=128,
+        channel_mult=[1, 2, 2, 2], augment_dim=9, dropout=0.05)),
+    'edm-imagenet-64x64-cond-adm': ('EDMPrecond', dict(
+        img_resolution=64, img_channels=3, label_dim=1000, model_type='DhariwalUNet',
+        model_channels=192, channel_mult=[1, 2, 3, 4], dropout=0.1, use_fp16=True)),
 }
 
 
@@ -150,6 +176,25 @@ def make_block_fixture(torch, networks, outdir, seed):
   print(f'unetblock_heads: max|out| {np.abs(out).max():.3g}')
 
 
+def make_published_shapes(torch, networks, outdir):
+  """Records, per published architecture, what the converter reads: the preconditioner's
+  scalar attributes, the U-Net's init kwargs, the state-dict shapes and the parameter count."""
+  out = {}
+  for name, (class_name, kwargs) in PUBLISHED.items():
+    net = getattr(networks, class_name)(**kwargs)
+    attrs = {k: v for k, v in vars(net).items()
+             if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
+    out[name] = dict(
+        class_name=class_name, attrs=attrs, model_class_name=type(net.model).__name__,
+        model_init_kwargs=dict(net.model.init_kwargs),
+        shapes={k: list(v.shape) for k, v in net.state_dict().items()},
+        num_params=sum(p.numel() for p in net.parameters()))
+    print(f'{name}: {out[name]["num_params"]} params')
+    del net
+  with open(os.path.join(outdir, 'published_shapes.json'), 'w') as f:
+    json.dump(out, f, indent=0, sort_keys=True)
+
+
 def main(argv):
   if len(argv) != 3:
     sys.exit(f'usage: {argv[0]} EDM_CHECKOUT OUTDIR')
@@ -166,6 +211,7 @@ def main(argv):
   for seed, name in enumerate(CONFIGS):
     make_network_fixture(torch, networks, loss, name, outdir, seed)
   make_block_fixture(torch, networks, outdir, seed=len(CONFIGS))
+  make_published_shapes(torch, networks, outdir)
 
 
 if __name__ == '__main__':
