@@ -109,8 +109,6 @@ _DST = flags.DEFINE_string('dst', None, 'output model directory (replaced if it 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not os.path.isfile(_SRC.value):
-    raise CheckpointError(f'--src={_SRC.value}: file not found')
   convert_file(_SRC.value, _DST.value)
   print(f'wrote {_DST.value}')
 

@@ -111,9 +111,8 @@ def test_converter_cli_errors(tmp_path):
   assert last.startswith('error: ') and 'Traceback' not in proc.stderr
   assert 'Conv2d_1a_3x3.conv.weight: expected shape [32, 3, 3, 3], got [2, 3, 3, 3]' in last
   assert not dst.exists()
-  proc = subprocess.run(cmd[:4] + [str(tmp_path / 'nope.pth'), '--dst', str(dst)],
-                        capture_output=True, text=True)
-  assert proc.returncode == 2 and 'nope.pth: file not found' in proc.stderr
+  with pytest.raises(CheckpointError, match=r'nope\.pth: no such file'):
+    convert_inception.convert_file(str(tmp_path / 'nope.pth'), str(dst))
 
 
 def test_load_rejects_other_model_directories(tmp_path):
