@@ -95,7 +95,8 @@ def module_config(net: ModuleRecord, path: str) -> dict:
                     'kwargs': {k: _plain(v) for k, v in model_kwargs.items()}}}
 
 
-def flax_variables(state_dict: dict[str, np.ndarray]) -> tuple[dict, dict[str, np.ndarray]]:
+def flax_variables(state_dict: dict[str, np.ndarray],
+                   what: str = 'state dict') -> tuple[dict, dict[str, np.ndarray]]:
   """Renames a torch state dict of EDM modules to a Flax variables tree.
 
   ``enc``/``dec`` ModuleDict entries join their parent (``enc_16x16_conv``); 4-D conv
@@ -103,6 +104,9 @@ def flax_variables(state_dict: dict[str, np.ndarray]) -> tuple[dict, dict[str, n
   1-D (GroupNorm) weights ``scale``. NCSN++'s Fourier ``freqs`` go to the
   ``'buffers'`` collection.
 
+  Args:
+    state_dict: torch name -> array.
+    what: the file, for messages.
   Returns:
     ``(variables, computed)``: the tree, and the buffers that the Flax modules
     compute themselves (``resample_filter``, ``u``) keyed by torch name, to check.
@@ -133,7 +137,8 @@ def flax_variables(state_dict: dict[str, np.ndarray]) -> tuple[dict, dict[str, n
     elif leaf == 'bias':
       collection = 'params'
     else:
-      raise ConversionError(f'unexpected tensor {key!r} with shape {value.shape}')
+      raise ConversionError(f'{what}: unexpected tensor {key!r} with shape {value.shape} '
+                            '(not a parameter of an EDM layer)')
     node = variables.setdefault(collection, {})
     for part in path:
       node = node.setdefault(part, {})
@@ -196,7 +201,7 @@ def convert(path: str, key: str = 'ema') -> tuple[dict, dict]:
   config = {'family': FAMILY, 'source': os.path.basename(path),
             'module': module_config(net, path)}
   module = precond.build_precond(config['module'])
-  variables, computed = flax_variables(net.state_dict())
+  variables, computed = flax_variables(net.state_dict(), path)
   check_structure(variables, expected_shapes(module), path)
   check_computed(module, config['module'], computed, net, path)
   return variables, config

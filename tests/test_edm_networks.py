@@ -188,6 +188,22 @@ def test_published_architectures_convert_shape_for_shape(name):
   assert module.sigma_min == pytest.approx(ref['attrs']['sigma_min'], rel=1e-6)
 
 
+def test_computed_buffers_must_match_the_file():
+  path = str(DATA / 'ddpmpp_vp.pkl')
+  net = read_network_pickle(path)['ema']
+  config = edm.module_config(net, path)
+  module = precond.build_precond(config)
+  key = 'model.enc.8x8_down.conv0.resample_filter'
+  good = {key: net.state_dict()[key]}
+  edm.check_computed(module, config, good, net, path)
+  wrong = {key: layers.resample_kernel([1, 3, 3, 1])[None, None]}
+  with pytest.raises(edm.ConversionError, match=rf'{key} differs from resample_filter=\[1, 1\]'):
+    edm.check_computed(module, config, wrong, net, path)
+  net.state['sigma_min'] = 0.002
+  with pytest.raises(edm.ConversionError, match='sigma_min=0.002 in the file'):
+    edm.check_computed(module, config, good, net, path)
+
+
 def test_cli_error_is_one_line_and_writes_nothing(tmp_path):
   data = (DATA / 'ddpmpp_vp.pkl').read_bytes()
   assert data.count(b'VPPrecond') == 1
