@@ -60,10 +60,14 @@ def sampler_config(method: str) -> ml_collections.ConfigDict:
     s.time_max = 1.0
     s.boosting = False            # DG boosting: churn and doubled guidance where log ratio < 0
   if s.name == 'diffrs':
-    s.rej_percentile = 0.75       # quantile of the warm-up log-ratio increments -> thresholds M_i
+    # generate_diffrs.py as the seed ran it: --rej_percentile=0.75 --max_iter=105.
+    s.rej_percentile = 0.75       # quantile of the warm-up log ratios -> thresholds M_i, M2_i
+    s.warmup_samples = 1000       # plain trajectories for the thresholds (reference: 10 x 100)
+    s.thresholds = ''             # npz of earlier thresholds; '': warm up, save in the workdir
     s.backsteps = 1               # levels re-noised back after a rejection
+    s.min_backsteps = 0           # test only after steps to levels k > min_backsteps ...
+    s.max_backsteps = 18          # ... and k <= max_backsteps
     s.max_iter = 105              # NFE cap per sample; past it the sample restarts from noise
-    s.warmup_batches = 10         # batches of plain sampling that estimate the thresholds
   if s.name == 'isir':
     # As the seed ran it (isir_code.py --cnt_inner_steps=5 --isir_batch=5, S_churn 0).
     # Its proposals are the deterministic Heun step, so only the initial-latent i-SIR
@@ -124,5 +128,6 @@ def apply_tiny(config: ml_collections.ConfigDict) -> None:
     config.sampler.num_candidates = 2
     config.sampler.num_iterations = 2
   if config.sampler.name == 'diffrs':
-    config.sampler.warmup_batches = 1
+    config.sampler.warmup_samples = 8
+    config.sampler.max_backsteps = 4
     config.sampler.max_iter = 20

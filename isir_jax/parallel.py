@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-# Labels are drawn from their own stream, fold_in(fold_in(key(seed), LABEL_STREAM), i),
-# so that they never share a key with a sample (indices stay below 2^32 - 1).
+# Streams derived from the run's key beside the samples' own keys fold_in(key(seed), i):
+# class labels and warm-up runs (DiffRS thresholds). Sample indices stay below both.
 LABEL_STREAM = 2**32 - 1
+WARMUP_STREAM = 2**32 - 2
 
 
 def initialize(distributed: bool) -> None:
@@ -52,19 +53,24 @@ def broadcast_from_main(mask: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.broadcast_one_to_all(mask))
 
 
-def sample_keys(seed: int, indices: np.ndarray) -> jax.Array:
-  """Returns the keys ``fold_in(key(seed), i)`` of the global sample indices."""
-  base = jax.random.key(seed)
-  return jax.vmap(lambda i: jax.random.fold_in(base, i))(
-      jnp.asarray(indices, jnp.uint32))
+def base_key(seed: int, stream: Optional[int] = None) -> jax.Array:
+  """``key(seed)``, or the derived ``fold_in(key(seed), stream)`` of a side stream."""
+  key = jax.random.key(seed)
+  return key if stream is None else jax.random.fold_in(key, stream)
 
 
-def sample_labels(seed: int, indices: np.ndarray, label_dim: int,
+def sample_keys(base: jax.Array, indices: np.ndarray) -> jax.Array:
+  """Returns the keys ``fold_in(base, i)`` of the global sample indices."""
+  return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(indices, jnp.uint32))
+
+
+def sample_labels(base: jax.Array, indices: np.ndarray, label_dim: int,
                   class_idx: int = -1) -> np.ndarray:
   """Returns one-hot class labels [len(indices), label_dim] for the sample indices.
 
   Args:
-    seed: the run's seed; label ``i`` is uniform, drawn from its own key stream.
+    base: the key whose samples get labels; label ``i`` is uniform, drawn from
+      ``fold_in(fold_in(base, LABEL_STREAM), i)``.
     indices: global sample indices.
     label_dim: number of classes.
     class_idx: a fixed class for every sample, or -1 for random classes.
@@ -72,9 +78,8 @@ def sample_labels(seed: int, indices: np.ndarray, label_dim: int,
   if class_idx >= 0:
     classes = np.full(len(indices), class_idx)
   else:
-    base = jax.random.fold_in(jax.random.key(seed), LABEL_STREAM)
-    classes = jax.vmap(lambda i: jax.random.randint(
-        jax.random.fold_in(base, i), (), 0, label_dim))(jnp.asarray(indices, jnp.uint32))
+    keys = sample_keys(jax.random.fold_in(base, LABEL_STREAM), indices)
+    classes = jax.vmap(lambda k: jax.random.randint(k, (), 0, label_dim))(keys)
   return np.eye(label_dim, dtype=np.float32)[np.asarray(classes)]
 
 
@@ -86,9 +91,10 @@ class ShardedSampler:
   of the local device count; every call has the same shapes, so it compiles once.
   """
 
-  def __init__(self, sample_fn: Callable[..., tuple[Any, dict]], batch_size: int):
+  def __init__(self, sample_fn: Callable[..., Any], batch_size: int):
     """Args:
-      sample_fn: ``sample_fn(keys, class_labels) -> (images, stats)``, pure, per sample.
+      sample_fn: ``sample_fn(keys, class_labels) -> outputs`` (a pytree of per-sample
+        arrays, e.g. ``(images, stats)``), pure, each row a function of its key only.
       batch_size: the global number of samples per call.
     """
     if batch_size < 1:
@@ -99,22 +105,23 @@ class ShardedSampler:
     self.padding = self.per_device * jax.local_device_count() * jax.process_count() - batch_size
     self._pmapped = jax.pmap(sample_fn)
 
-  def __call__(self, seed: int, start: int,
-               class_labels: Optional[np.ndarray]) -> tuple[np.ndarray, dict]:
+  def __call__(self, base: jax.Array, start: int,
+               class_labels: Optional[np.ndarray]) -> Any:
     """Samples the global indices ``start .. start + batch_size - 1``.
 
     Args:
-      seed: the run's seed.
+      base: the run's key (`base_key`); sample ``i`` gets ``fold_in(base, i)``.
       start: the global index of the first sample.
       class_labels: one-hot labels [batch_size, label_dim] of these samples, or None.
 
     Returns:
-      ``(images, stats)`` as numpy arrays with ``batch_size`` rows, on every process.
+      The sampler's outputs (``(images, stats)``) as numpy arrays with ``batch_size``
+      rows, on every process.
     """
     n_local = jax.local_device_count()
     first = start + jax.process_index() * self.per_process
     rows = self.per_device * n_local
-    keys = sample_keys(seed, np.arange(first, first + rows))
+    keys = sample_keys(base, np.arange(first, first + rows))
     keys = keys.reshape(n_local, self.per_device)
     labels = None
     if class_labels is not None:
@@ -122,10 +129,9 @@ class ShardedSampler:
       local = np.arange(first - start, first - start + rows)
       labels = class_labels[np.minimum(local, len(class_labels) - 1)]
       labels = labels.reshape(n_local, self.per_device, -1)
-    images, stats = self._pmapped(keys, labels)
     out = jax.tree_util.tree_map(
         lambda a: np.asarray(a).reshape((rows,) + a.shape[2:])[:self.per_process],
-        (images, stats))
+        self._pmapped(keys, labels))
     if jax.process_count() > 1:
       out = multihost_utils.process_allgather(out, tiled=True)
     return jax.tree_util.tree_map(lambda a: np.asarray(a)[:self.batch_size], out)

@@ -5,6 +5,7 @@ input (model directories, conditioning, workdir, reference statistics) runs befo
 any sampling or feature extraction and raises `RunError` with a one-line message.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -21,7 +22,8 @@ from isir_jax import io
 from isir_jax import parallel
 
 # config.sampler keys that the driver consumes; the rest go to the sampler factory.
-_DRIVER_SAMPLER_KEYS = ('name', 'warmup_batches')
+_DRIVER_SAMPLER_KEYS = ('name', 'rej_percentile', 'warmup_samples', 'thresholds')
+DIFFRS_THRESHOLDS_NAME = 'diffrs_thresholds.npz'   # warm-up result, reused on resume
 # Per-sample sampler statistics reported in the shard log line, with their labels.
 _LOGGED_STATS = (('nfe', 'NFE/sample'), ('ess', 'ESS'), ('accept_rate', 'accept'))
 
@@ -79,10 +81,14 @@ def load_models(config: ml_collections.ConfigDict) -> tuple[Any, Optional[Any]]:
   return denoiser, (discriminator if needs_disc else None)
 
 
+def _label_dim(denoiser) -> int:
+  return int(getattr(denoiser, 'label_dim', 0) or 0)
+
+
 def _check_conditioning(config, denoiser, discriminator) -> None:
   """Refuses a conditional config with unconditional networks, and vice versa."""
   want = bool(config.model.conditional)
-  nets = [('denoiser', int(getattr(denoiser, 'label_dim', 0) or 0) > 0)]
+  nets = [('denoiser', _label_dim(denoiser) > 0)]
   if discriminator is not None:
     head = getattr(discriminator, 'head', None)
     nets.append(('discriminator', bool(getattr(head, 'num_classes', 0))))
@@ -116,8 +122,8 @@ def _check_sample_config(config: ml_collections.ConfigDict) -> None:
     raise RunError(f'config.sample.batch_size must be >= 1, got {config.sample.batch_size}')
   if config.sample.num_samples < 1:
     raise RunError(f'config.sample.num_samples must be >= 1, got {config.sample.num_samples}')
-  if config.sample.num_samples >= parallel.LABEL_STREAM:
-    raise RunError(f'config.sample.num_samples must be < 2^32 - 1, got {config.sample.num_samples}')
+  if config.sample.num_samples >= parallel.WARMUP_STREAM:
+    raise RunError(f'config.sample.num_samples must be < 2^32 - 2, got {config.sample.num_samples}')
 
 
 def _check_workdir(workdir: str) -> None:
@@ -125,6 +131,45 @@ def _check_workdir(workdir: str) -> None:
     io.check_writable(workdir)
   except OSError as e:
     raise RunError(str(e)) from None
+
+
+def _diffrs_thresholds(config, denoiser, discriminator, workdir: str, settings: dict):
+  """DiffRS thresholds: ``config.sampler.thresholds``, the workdir's, or a warm-up run.
+
+  The warm-up samples ``config.sampler.warmup_samples`` plain trajectories from the
+  run's warm-up key stream (independent of the samples' keys), sharded like the
+  samples, and takes the ``rej_percentile`` quantiles of their log ratios.
+  """
+  from isir_jax.samplers import diffrs, edm  # pylint: disable=g-import-not-at-top
+  if config.sampler.thresholds:
+    if not os.path.isfile(config.sampler.thresholds):
+      raise RunError(f'config.sampler.thresholds={config.sampler.thresholds}: no such file')
+    return config.sampler.thresholds
+  path = os.path.join(workdir, DIFFRS_THRESHOLDS_NAME)
+  if os.path.isfile(path):
+    return path   # written by this workdir's config (checked by check_run_config)
+  step = dataclasses.asdict(edm.split_settings(settings)[0])
+  shape = (denoiser.img_resolution, denoiser.img_resolution, denoiser.img_channels)
+  warmup = parallel.ShardedSampler(
+      lambda keys, labels: diffrs.warmup_log_ratios(denoiser, discriminator, keys, labels,
+                                                    shape=shape, **step),
+      config.sample.batch_size)
+  base = parallel.base_key(config.seed, parallel.WARMUP_STREAM)
+  label_dim = _label_dim(denoiser)
+  log_ratios = []
+  num = config.sampler.warmup_samples
+  main = parallel.is_main_process()
+  for start in tqdm(range(0, num, config.sample.batch_size), desc='diffrs warm-up',
+                    disable=not main):
+    indices = np.arange(start, start + config.sample.batch_size)
+    labels = parallel.sample_labels(base, indices, label_dim) if label_dim else None
+    log_ratios.append(warmup(base, start, labels))
+  log_ratios = np.concatenate(log_ratios)[:num]
+  thresholds = diffrs.thresholds_from_log_ratios(log_ratios, config.sampler.rej_percentile)
+  if main:
+    diffrs.save_thresholds(path, thresholds, log_ratios)
+    logging.info('DiffRS thresholds from %d warm-up samples written to %s', num, path)
+  return thresholds
 
 
 def make_sample_fn(config: ml_collections.ConfigDict, denoiser, discriminator,
@@ -135,6 +180,9 @@ def make_sample_fn(config: ml_collections.ConfigDict, denoiser, discriminator,
   shape = (denoiser.img_resolution, denoiser.img_resolution, denoiser.img_channels)
   factory = samplers.get_sampler(config.sampler.name)
   try:
+    if config.sampler.name == 'diffrs':
+      settings['thresholds'] = _diffrs_thresholds(config, denoiser, discriminator, workdir,
+                                                  settings)
     sample_fn = factory(denoiser, discriminator, shape=shape, **settings)
   except (TypeError, ValueError) as e:
     raise RunError(f'config.sampler ({config.sampler.name}): {e}') from None
@@ -174,7 +222,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> None:
   if main:
     _check_workdir(workdir)
   denoiser, discriminator = load_models(config)
-  label_dim = int(getattr(denoiser, 'label_dim', 0) or 0)
+  label_dim = _label_dim(denoiser)
   if main:
     try:
       resumed = io.check_run_config(workdir, run_config(config))
@@ -199,28 +247,36 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> None:
                     '%d padded samples per batch are computed and dropped',
                     config.sample.batch_size, jax.local_device_count(), jax.process_count(),
                     sampler.padding)
+  base = parallel.base_key(config.seed)
   for k in tqdm(todo, desc='shards', disable=not main):
     start = k * config.sample.batch_size
     indices = np.arange(start, start + config.sample.batch_size)
     labels = None
     if label_dim:
-      labels = parallel.sample_labels(config.seed, indices, label_dim, config.sample.class_idx)
+      labels = parallel.sample_labels(base, indices, label_dim, config.sample.class_idx)
     t0 = time.time()
-    images, stats = sampler(config.seed, start, labels)
+    images, stats = sampler(base, start, labels)
     elapsed = time.time() - t0
     size = sizes[k]
-    images = images[:size]
-    finite = np.isfinite(images).reshape(size, -1).all(axis=1)
-    if not finite.all():
-      bad = (start + np.flatnonzero(~finite)).tolist()
-      raise RunError(f'shard {k}: {len(bad)} non-finite samples at global indices '
-                     f'{bad[:20]}{" ..." if len(bad) > 20 else ""}; shard not saved')
+    images, stats = images[:size], {key: v[:size] for key, v in stats.items()}
+    _check_samples(k, start, images, stats)
     if main:
       io.write_shard(workdir, k, io.to_uint8(images),
                      None if labels is None else labels[:size].argmax(axis=1))
       logging.info('shard %d: %d images, %.1f img/s%s, %s', k, size, size / elapsed,
-                   ' (incl. compilation)' if k == todo[0] else '',
-                   _stats_line({key: v[:size] for key, v in stats.items()}))
+                   ' (incl. compilation)' if k == todo[0] else '', _stats_line(stats))
+
+
+def _check_samples(k: int, start: int, images: np.ndarray, stats: dict) -> None:
+  """Fails shard ``k`` on non-finite images or unfinished (DiffRS loop-capped) samples."""
+  problems = [('non-finite', ~np.isfinite(images).reshape(len(images), -1).all(axis=1))]
+  if 'finished' in stats:
+    problems.append(('unfinished (DiffRS max_loops cap)', ~np.asarray(stats['finished'], bool)))
+  for what, mask in problems:
+    if mask.any():
+      bad = (start + np.flatnonzero(mask)).tolist()
+      raise RunError(f'shard {k}: {len(bad)} {what} samples at global indices '
+                     f'{bad[:20]}{" ..." if len(bad) > 20 else ""}; shard not saved')
 
 
 # ----------------------------------------------------------------------------- FID

@@ -282,3 +282,31 @@ def test_eval_refuses_incomplete_workdir(reference_run, tiny_inception):
   with pytest.raises(run_lib.RunError, match='holds 64 samples, fewer than '
                      'config.sample.num_samples=128'):
     run_lib.evaluate(config, str(reference_run))
+
+
+def test_rerun_with_more_samples_extends_the_set(tmp_path):
+  run_lib.sample(_config(num_samples=6, batch_size=4), str(tmp_path))
+  assert io.complete_shards(str(tmp_path)) == [0, 1]
+  first = load_run(tmp_path)
+  assert len(first) == 6
+  run_lib.sample(_config(num_samples=8, batch_size=4), str(tmp_path))
+  extended = load_run(tmp_path)
+  assert len(extended) == 8
+  np.testing.assert_array_equal(extended[:6], first)  # the short last shard was redone
+
+
+def test_diffrs_thresholds_estimated_once(tmp_path):
+  config = 'configs/testbed.py:diffrs,tiny'
+  first = run_main(tmp_path, '--config.sample.num_samples=4', config=config)
+  assert first.returncode == 0, first.stderr
+  assert 'DiffRS thresholds from 8 warm-up samples written' in first.stderr
+  assert 'accept' in first.stderr
+  path = tmp_path / run_lib.DIFFRS_THRESHOLDS_NAME
+  with np.load(path) as data:
+    assert data['warmup_log_ratios'].shape == (8, 5)  # 8 samples x (4 steps + 1) levels
+    saved = data['log_ratio'].copy()
+  second = run_main(tmp_path, '--config.sample.num_samples=8', config=config)
+  assert second.returncode == 0, second.stderr
+  assert 'warm-up' not in second.stderr and '1 of 2 shards to generate' in second.stderr
+  with np.load(path) as data:
+    np.testing.assert_array_equal(data['log_ratio'], saved)
