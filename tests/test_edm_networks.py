@@ -47,6 +47,7 @@ def assert_close(actual, expected):
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
+  """Runs ``code`` in a fresh interpreter from the repository root."""
   return subprocess.run([sys.executable, '-c', textwrap.dedent(code)], capture_output=True,
                         text=True, cwd=pathlib.Path(__file__).parent.parent, timeout=300)
 
