@@ -18,14 +18,23 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from isir_jax import demo
 from isir_jax import parallel
 from isir_jax import run_lib
+from isir_jax.train import trainers
 
 # Mode name -> run_lib function (config, workdir) -> None.
 MODES = {
     'sample': run_lib.sample,
     'fid_stats': run_lib.fid_stats,
     'eval': run_lib.evaluate,
+    # The bundled digits (configs/digits.py): demo table, its assets and their training.
+    'demo': demo.demo,
+    'diffrs_thresholds': demo.diffrs_thresholds,
+    'train_feature_net': trainers.train_feature_net,
+    'train_denoiser': trainers.train_denoiser,
+    'train_classifier': trainers.train_classifier,
+    'train_discriminator': trainers.train_discriminator,
 }
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),

@@ -9,6 +9,8 @@ networks. Model paths are the converted directories of the published checkpoints
       --head discriminator_60.pt --dst models/dg-cifar10-uncond
 """
 
+import ml_collections
+
 from configs import default
 
 
@@ -24,6 +26,30 @@ def get_config(arg: str | None = None):
   config.sampler = default.sampler_config(method)
   config.fid.inception = 'models/inception'
   config.fid.ref_stats = 'models/cifar10-32x32.npz'   # EDM's reference statistics
+  config.train = ml_collections.ConfigDict({'discriminator': discriminator_training(kind, cond)})
   if 'tiny' in flags:
     default.apply_tiny(config)
   return config
+
+
+def discriminator_training(kind: str, cond: bool) -> ml_collections.ConfigDict:
+  """``--mode=train_discriminator``: DG's head on the frozen ADM classifier (DG train.py).
+
+  Real data: DG's ``true_data.npz`` (uint8 NHWC ``arr_0``, or ``samples`` + ``label``);
+  generated: the EDM run's ``samples_*.npz`` (``--config=configs/cifar10.py:edm``).
+  DG trained 60 (uncond) / 250 (cond) epochs of 2 x 50,000 images at batch 128.
+  """
+  epoch = 2 * 50000 // 128
+  return ml_collections.ConfigDict(dict(
+      out=f'models/dg-cifar10-{kind}-trained',
+      classifier='models/adm-classifier-32x32',   # converted 32x32_classifier.pt
+      real_data='data/true_data.npz',
+      gen_dir=f'workdir/cifar10-{kind}-edm',
+      num_data=50000, conditional=cond,
+      head=dict(image_size=8, in_channels=512, model_channels=128, out_channels=1,
+                num_res_blocks=2, attention_resolutions=(1,), channel_mult=(1,), num_heads=1,
+                num_head_channels=64, use_scale_shift_norm=True, resblock_updown=True,
+                num_classes=1000),
+      importance=True,
+      num_steps=(250 if cond else 60) * epoch, batch_size=128, lr=3e-4, weight_decay=1e-7,
+      ckpt_every=epoch, log_every=100))
