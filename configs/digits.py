@@ -121,5 +121,24 @@ def get_config(arg: str | None = None):
   config.train = train_config()
   if 'tiny' in flags:
     default.apply_tiny(config)
-    config.demo.num_samples = 8
+    apply_tiny_training(config.train)
+    config.demo.num_samples = 8       # the samplers keep 18 steps (the DiffRS thresholds' length)
+    config.demo.warmup_samples = 8
   return config
+
+
+def apply_tiny_training(t: ml_collections.ConfigDict) -> None:
+  """Shrinks every trainer to seconds (tests): tiny widths, few steps, small batches."""
+  for name in ('feature_net', 'denoiser', 'classifier', 'discriminator'):
+    t[name].num_steps = 30
+    t[name].batch_size = 16
+    t[name].log_every = 10
+  t.feature_net.channels = (8, 8, 8)
+  t.feature_net.feature_dim = 8
+  t.denoiser.update(dict(model_channels=8, channel_mult=(1,), attn_resolutions=(),
+                         warmup_steps=0, ema_decay=0.5, lr=1e-2))
+  t.classifier.arch.update(dict(channel_mult=(1,), attention_resolutions=()))
+  t.classifier.lr = 3e-3
+  t.discriminator.head.update(dict(image_size=8, in_channels=32, attention_resolutions=()))
+  t.discriminator.lr = 3e-3
+  t.discriminator.num_data = 64

@@ -69,34 +69,47 @@ def build_sampler(settings: ml_collections.ConfigDict, denoiser, discriminator) 
   return jax.jit(lambda keys, labels: fn(keys, labels))
 
 
-def run_method(method: str, settings: ml_collections.ConfigDict, denoiser, discriminator,
-               net: feature_net_lib.FeatureNet, ref_stats: str, num_samples: int,
-               seed: int, batch_size: Optional[int] = None) -> Result:
-  """Samples ``num_samples`` images with one method and scores them.
-
-  Compilation is timed apart from sampling (ahead-of-time ``lower().compile()``).
-  """
-  batch = batch_size or num_samples
+def compile_sampler(settings: ml_collections.ConfigDict, denoiser, discriminator,
+                    batch: int) -> tuple[Any, float]:
+  """Ahead-of-time compiled sampler for batches of ``batch`` and the seconds it took."""
   fn = build_sampler(settings, denoiser, discriminator)
   label_dim = int(getattr(denoiser, 'label_dim', 0) or 0)
   t0 = time.perf_counter()
-  compiled = fn.lower(sample_keys(seed, 0, batch), class_labels(label_dim, 0, batch)).compile()
-  compile_s = time.perf_counter() - t0
+  compiled = fn.lower(sample_keys(0, 0, batch), class_labels(label_dim, 0, batch)).compile()
+  return compiled, time.perf_counter() - t0
+
+
+def draw(compiled, label_dim: int, seed: int, num_samples: int, batch: int
+         ) -> tuple[np.ndarray, dict, float]:
+  """Samples ``num_samples`` images (sample i from ``fold_in(key(seed), i)``) in batches.
+
+  Returns:
+    ``(images, per-sample stats, seconds)``; raises on non-finite samples.
+  """
   images, stats = [], []
   t0 = time.perf_counter()
   for start in range(0, num_samples, batch):
     count = min(batch, num_samples - start)
-    keys = sample_keys(seed, start, batch)
-    x, st = compiled(keys, class_labels(label_dim, start, batch))
+    x, st = compiled(sample_keys(seed, start, batch), class_labels(label_dim, start, batch))
     images.append(np.asarray(x)[:count])
     stats.append({k: np.asarray(v)[:count] for k, v in st.items()})
-  sample_s = time.perf_counter() - t0
+  seconds = time.perf_counter() - t0
   images = np.concatenate(images)
   stats = {k: np.concatenate([s[k] for s in stats]) for k in stats[0]}
   finite = np.isfinite(images).reshape(len(images), -1).all(axis=1)
   if not finite.all():
-    raise FloatingPointError(f'{method}: {int((~finite).sum())} non-finite samples at indices '
-                             f'{np.flatnonzero(~finite)[:20].tolist()}')
+    raise FloatingPointError(f'seed {seed}: {int((~finite).sum())} non-finite samples at '
+                             f'indices {np.flatnonzero(~finite)[:20].tolist()}')
+  return images, stats, seconds
+
+
+def run_method(method: str, settings: ml_collections.ConfigDict, denoiser, discriminator,
+               net: feature_net_lib.FeatureNet, ref_stats: str, num_samples: int,
+               seed: int) -> Result:
+  """Samples ``num_samples`` images with one method (one batch) and scores them."""
+  compiled, compile_s = compile_sampler(settings, denoiser, discriminator, num_samples)
+  label_dim = int(getattr(denoiser, 'label_dim', 0) or 0)
+  images, stats, sample_s = draw(compiled, label_dim, seed, num_samples, num_samples)
   fd = feature_net_lib.fd_digits(net, images, ref_stats)
   return Result(method, images, fd, float(stats['nfe'].mean()), compile_s, sample_s, stats)
 

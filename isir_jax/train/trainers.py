@@ -103,7 +103,7 @@ def denoiser_module_config(cfg: ml_collections.ConfigDict, resolution: int, chan
           'model': {'class_name': 'SongUNet', 'kwargs': unet}}
 
 
-def train_denoiser(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_denoiser(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Trains the demo's EDM denoiser on the digits and saves its EMA weights.
 
   EDM loss and preconditioning (Karras et al. 2022, Sec. 5): ``ln sigma ~
@@ -132,7 +132,7 @@ def train_denoiser(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          {'family': denoiser_lib.FAMILY, 'module': module_config,
                           'source': 'isir_jax.train.trainers.train_denoiser',
                           'num_steps': cfg.num_steps})
-  return history[-1]
+  return history
 
 
 def load_classifier(directory: str) -> tuple[dict, Any]:
@@ -151,7 +151,7 @@ def load_classifier(directory: str) -> tuple[dict, Any]:
                    f'{CLASSIFIER_FAMILY!r} or {dg.FAMILY!r}')
 
 
-def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Trains the noisy time-dependent digit classifier (ADM ``EncoderUNetModel``).
 
   It plays the role of ADM's ``32x32_classifier.pt``: its trunk is the frozen
@@ -171,7 +171,7 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         workdir, 'classifier', config.seed)
   checkpoints.save_model(cfg.out, state.params,
                          {'family': CLASSIFIER_FAMILY, 'module': _kwargs(cfg.arch)})
-  return history[-1]
+  return history
 
 
 def _one_hot(labels: Optional[np.ndarray], num_classes: int) -> np.ndarray:
@@ -181,7 +181,7 @@ def _one_hot(labels: Optional[np.ndarray], num_classes: int) -> np.ndarray:
   return np.eye(num_classes, dtype=np.float32)[labels]
 
 
-def train_discriminator(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_discriminator(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Trains DG's discriminator head on frozen classifier features (DG ``train.py``).
 
   Real images (``train.discriminator.real_data``) are labelled 1, generated ones
@@ -190,6 +190,7 @@ def train_discriminator(config: ml_collections.ConfigDict, workdir: str) -> dict
   times, optionally with the class label. Works for the digits and, from a converted
   ``32x32_classifier.pt`` and CIFAR-10 npz files, for DG's CIFAR-10 heads.
   Writes a ``dg_discriminator`` dir (``load_discriminator`` reads it) to ``out``.
+  Returns the logged metrics (``loss``, ``acc``, ``step``) per ``log_every`` steps.
   """
   cfg = config.train.discriminator
   enc_kwargs, enc_params = load_classifier(cfg.classifier)
@@ -237,19 +238,20 @@ def train_discriminator(config: ml_collections.ConfigDict, workdir: str) -> dict
                           'time_map': 'linear', 'prob_clip': 0.0})
   logging.info('discriminator: %d real + %d generated images, final %s',
                len(real_x), len(gen_x), history[-1])
-  return history[-1]
+  return history
 
 
-def train_feature_net(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_feature_net(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Trains the clean-digit classifier whose features define FD-digits.
 
   Also writes the reference statistics of all real digits (``train.feature_net.ref_stats``).
   """
   cfg = config.train.feature_net
-  metrics = feature_net.train_feature_net(
+  history = feature_net.train_feature_net(
       cfg.out, os.path.join(workdir, 'train_feature_net'), num_steps=cfg.num_steps,
       batch_size=cfg.batch_size, lr=cfg.lr, seed=config.seed, channels=tuple(cfg.channels),
-      feature_dim=cfg.feature_dim, data_path=config.data.path)
+      feature_dim=cfg.feature_dim, data_path=config.data.path,
+      log_every=cfg.get('log_every', 100))
   images, _ = digits_data.load_digits(config.data.path)
   feature_net.reference_stats(feature_net.load_feature_net(cfg.out), images, cfg.ref_stats)
-  return metrics
+  return history
