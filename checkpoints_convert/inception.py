@@ -66,7 +66,8 @@ def expected_layout(width_divisor: int = 1) -> dict[str, tuple[tuple[str, ...], 
   return layout
 
 
-def convert(state: Mapping[str, np.ndarray], width_divisor: int = 1, source: str = '<state dict>') -> dict:
+def convert(state: Mapping[str, np.ndarray], width_divisor: int = 1,
+            source: str = '<state dict>') -> dict:
   """Checks a torch state dict against the module and returns Flax variables.
 
   Raises:

@@ -29,10 +29,9 @@ import tqdm
 from PIL import Image
 
 from isir_jax import checkpoints
-from isir_jax.fid_math import (FEATURE_DIM, INPUT_SIZE, NUM_CLASSES, StatsAccumulator,  # noqa: F401 (re-exports)
-                               feature_statistics, frechet_distance, inception_score,
-                               legacy_resize_matrix, load_stats, resize_bilinear_legacy,
-                               save_stats)
+from isir_jax.fid_math import (  # noqa: F401 (re-exported: the driver imports them from here)
+    FEATURE_DIM, INPUT_SIZE, NUM_CLASSES, StatsAccumulator, feature_statistics, frechet_distance,
+    inception_score, legacy_resize_matrix, load_stats, resize_bilinear_legacy, save_stats)
 from isir_jax.networks.inception import InceptionV3FID
 
 FAMILY = 'inception_fid'

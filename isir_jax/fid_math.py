@@ -208,7 +208,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
   for name, a, shape in (('mu1', mu1, (d,)), ('mu2', mu2, (d,)), ('sigma1', sigma1, (d, d)),
                          ('sigma2', sigma2, (d, d))):
     if a.shape != shape:
-      raise ValueError(f'frechet_distance: {name} has shape {list(a.shape)}, expected {list(shape)}')
+      raise ValueError(f'frechet_distance: {name} has shape {list(a.shape)}, '
+                       f'expected {list(shape)}')
   mean_term = np.square(mu1 - mu2).sum()
   covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
   return float(np.real(mean_term + np.trace(sigma1 + sigma2 - 2 * covmean)))

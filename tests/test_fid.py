@@ -71,7 +71,8 @@ def test_classifier_output_bias():
   variables = {'params': {'kernel': jnp.ones([8, fid.NUM_CLASSES]),
                           'bias': jnp.arange(fid.NUM_CLASSES, dtype=jnp.float32)}}
   diff = with_bias.apply(variables, features) - without.apply(variables, features)
-  np.testing.assert_allclose(diff, np.broadcast_to(np.arange(fid.NUM_CLASSES), diff.shape), atol=1e-5)
+  want = np.broadcast_to(np.arange(fid.NUM_CLASSES), diff.shape)
+  np.testing.assert_allclose(diff, want, atol=1e-5)
 
 
 def test_full_width_structure_matches_real_state_dict():

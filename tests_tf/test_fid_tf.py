@@ -14,7 +14,10 @@ def test_no_jax_needed():
   assert 'jax' not in sys.modules
 
 
-@pytest.mark.parametrize('shape', [(2, 32, 32, 3), (1, 64, 48, 3), (1, 17, 23, 1), (1, 299, 299, 3)])
+SHAPES = [(2, 32, 32, 3), (1, 64, 48, 3), (1, 17, 23, 1), (1, 299, 299, 3)]
+
+
+@pytest.mark.parametrize('shape', SHAPES)
 def test_resize_matches_tf1_resize_bilinear(shape):
   images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
   want = tf.compat.v1.image.resize_bilinear(images.astype(np.float32), [299, 299],

@@ -89,7 +89,8 @@ def redraw(torch, net, rng: np.random.Generator) -> None:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('pytorch_fid_src', nargs='?', default=None)
-  parser.add_argument('--out', default=os.path.join(os.path.dirname(__file__), '..', 'data', 'inception'))
+  parser.add_argument('--out', default=os.path.join(os.path.dirname(__file__), '..', 'data',
+                                                    'inception'))
   args = parser.parse_args()
   torch, tv_inception, pfi = _import_reference(args.pytorch_fid_src)
   os.makedirs(args.out, exist_ok=True)
