@@ -98,7 +98,8 @@ class InceptionFID:
 
   def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Returns ``(features [N, 2048], logits [N, 1008])`` of uint8 images [N, H, W, C]."""
-    feats, logits = [], []
+    feats = [np.zeros([0, self.feature_dim], np.float32)]
+    logits = [np.zeros([0, NUM_CLASSES], np.float32)]
     for f, l in self._batched(images):
       feats.append(np.asarray(f))
       logits.append(np.asarray(l))

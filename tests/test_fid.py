@@ -10,10 +10,12 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 import pytest
 import scipy.stats
 
@@ -144,8 +146,25 @@ def test_compute_statistics_streams_and_truncates(net, ref):
 
 
 def test_images_must_be_uint8_nhwc(net):
+  features, logits = net(np.zeros([0, 8, 8, 3], np.uint8))
+  assert features.shape == (0, 2048 // DIV) and logits.shape == (0, 1008)
   with pytest.raises(ValueError, match=r'uint8 NHWC .* got float32 of shape \[2, 8, 8, 3\]'):
     net(np.zeros([2, 8, 8, 3], np.float32))
+
+
+def test_iter_image_files_folder_and_zip(tmp_path):
+  rng = np.random.default_rng(7)
+  images = rng.integers(0, 256, [3, 6, 6, 3], dtype=np.uint8)
+  (tmp_path / 'imgs' / 'sub').mkdir(parents=True)
+  names = ['sub/b.png', 'a.png', 'c.png']    # sorted path order: a, c, sub/b
+  for name, img in zip(names, images):
+    Image.fromarray(img).save(tmp_path / 'imgs' / name)
+  with zipfile.ZipFile(tmp_path / 'imgs.zip', 'w') as z:
+    for name in names:
+      z.write(tmp_path / 'imgs' / name, name)
+  for source in (tmp_path / 'imgs', tmp_path / 'imgs.zip'):
+    got = np.concatenate(list(fid.iter_image_files(str(source), batch_size=2)))
+    np.testing.assert_array_equal(got, images[[1, 2, 0]])
 
 
 def test_iter_npz_images_in_shard_order(tmp_path):
