@@ -102,7 +102,7 @@ def train_feature_net(out_dir: str, workdir: Optional[str], *, num_steps: int = 
   config = {'family': FAMILY, 'module': {'channels': list(channels), 'feature_dim': feature_dim,
                                          'num_classes': digits_data.NUM_CLASSES},
             'test_accuracy': test_acc, 'num_steps': num_steps}
-  checkpoints.save_model(out_dir, state.params, config)
+  loop.save_model(out_dir, state.params, config)
   history[-1]['test_accuracy'] = test_acc
   return history
 

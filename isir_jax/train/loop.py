@@ -19,6 +19,8 @@ import optax
 import orbax.checkpoint as ocp
 import tqdm
 
+from isir_jax import checkpoints
+
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
 
 
@@ -29,6 +31,19 @@ class TrainState:
   params: Any
   opt_state: Any
   ema_params: Any
+
+
+def save_model(directory: str, params: Any, config: dict) -> None:
+  """``checkpoints.save_model``, then drops the absolute path orbax records in its marker files.
+
+  Orbax writes the machine's temporary path into ``commit_success.txt``; the trained
+  assets are committed to the repository, so the marker keeps only its first words.
+  """
+  checkpoints.save_model(directory, params, config)
+  for root, _, files in os.walk(directory):
+    if 'commit_success.txt' in files:
+      with open(os.path.join(root, 'commit_success.txt'), 'w') as f:
+        f.write('Checkpoint commit was successful.')
 
 
 def make_optimizer(lr: float, weight_decay: float = 0.0, grad_clip: float = 0.0,

@@ -128,7 +128,7 @@ def train_denoiser(config: ml_collections.ConfigDict, workdir: str) -> list[dict
     return loss, {}
 
   state, history = _run(cfg, loss_fn, variables, data, workdir, 'denoiser', config.seed)
-  checkpoints.save_model(cfg.out, state.ema_params,
+  loop.save_model(cfg.out, state.ema_params,
                          {'family': denoiser_lib.FAMILY, 'module': module_config,
                           'source': 'isir_jax.train.trainers.train_denoiser',
                           'num_steps': cfg.num_steps})
@@ -169,7 +169,7 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> list[di
 
   state, history = _run(cfg, loss_fn, params, {'image': images, 'label': labels},
                         workdir, 'classifier', config.seed)
-  checkpoints.save_model(cfg.out, state.params,
+  loop.save_model(cfg.out, state.params,
                          {'family': CLASSIFIER_FAMILY, 'module': _kwargs(cfg.arch)})
   return history
 
@@ -233,7 +233,7 @@ def train_discriminator(config: ml_collections.ConfigDict, workdir: str) -> list
                                      batch.get('label'), importance=cfg.importance)
 
   state, history = _run(cfg, loss_fn, head_params, data, workdir, 'discriminator', config.seed)
-  checkpoints.save_model(cfg.out, {'encoder': enc_params, 'head': state.params},
+  loop.save_model(cfg.out, {'encoder': enc_params, 'head': state.params},
                          {'family': dg.FAMILY, 'encoder': enc_kwargs, 'head': head_kwargs,
                           'time_map': 'linear', 'prob_clip': 0.0})
   logging.info('discriminator: %d real + %d generated images, final %s',
