@@ -222,7 +222,6 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> None:
   if main:
     _check_workdir(workdir)
   denoiser, discriminator = load_models(config)
-  label_dim = _label_dim(denoiser)
   if main:
     try:
       resumed = io.check_run_config(workdir, run_config(config))
@@ -238,8 +237,17 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> None:
   if main:
     logging.info('%s: %d of %d shards to generate (%d images each)%s', workdir, len(todo),
                  len(sizes), config.sample.batch_size, ' (resumed)' if resumed else '')
-  if not todo:
-    return
+  if todo:
+    _generate(config, workdir, todo, sizes, denoiser, discriminator)
+  if main and config.model.kind == 'testbed':
+    _log_testbed_weights(workdir, len(sizes))
+
+
+def _generate(config, workdir: str, todo: list[int], sizes: list[int], denoiser,
+              discriminator) -> None:
+  """Samples and writes the shards ``todo``, with a progress bar and one line per shard."""
+  main = parallel.is_main_process()
+  label_dim = _label_dim(denoiser)
   sampler = parallel.ShardedSampler(make_sample_fn(config, denoiser, discriminator, workdir),
                                     config.sample.batch_size)
   if sampler.padding and main:
@@ -265,6 +273,18 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> None:
                      None if labels is None else labels[:size].argmax(axis=1))
       logging.info('shard %d: %d images, %.1f img/s%s, %s', k, size, size / elapsed,
                    ' (incl. compilation)' if k == todo[0] else '', _stats_line(stats))
+
+
+def _log_testbed_weights(workdir: str, num_shards: int) -> None:
+  """The testbed's score: mixture weights of the samples against the true and model ones."""
+  from isir_jax import testbed  # pylint: disable=g-import-not-at-top
+  bed = testbed.make_testbed('gmm64')
+  samples = np.concatenate([io.read_shard(io.shard_path(workdir, k))[0]
+                            for k in range(num_shards)])
+  weights = bed.weights((samples.astype(np.float64) - 128) / 127.5)
+  logging.info('testbed: component weights of %d samples %s (true %s, model %s), error %.3f',
+               len(samples), np.round(weights, 3).tolist(), bed.true.weights.tolist(),
+               bed.model.weights.tolist(), np.abs(weights - bed.true.weights).max())
 
 
 def _check_samples(k: int, start: int, images: np.ndarray, stats: dict) -> None:
