@@ -150,3 +150,40 @@ def test_edm_step_heun_mask_matches_static():
   euler, _ = edm.edm_step(TB.model_denoiser, x[2:], t_cur[2:], t_next[2:], None,
                           gamma=jnp.zeros(1), heun=False)
   np.testing.assert_allclose(mixed, jnp.concatenate([heun, euler]), rtol=1e-6)
+
+
+class _LabelChecking:
+  """A model wrapper asserting at trace time that labels come row-aligned with x."""
+
+  def __init__(self, inner):
+    self.inner = inner
+
+  def __getattr__(self, name):
+    return getattr(self.inner, name)
+
+  def _check(self, x, class_labels):
+    assert class_labels is not None and class_labels.shape == (x.shape[0], 10)
+
+  def __call__(self, x, sigma, class_labels=None):
+    self._check(x, class_labels)
+    return self.inner(x, sigma, class_labels)
+
+  def log_ratio(self, x, sigma, class_labels=None):
+    self._check(x, class_labels)
+    return self.inner.log_ratio(x, sigma, class_labels)
+
+  def guidance(self, x, sigma, class_labels=None, time_min=0.01, time_max=1.0):
+    self._check(x, class_labels)
+    return self.inner.guidance(x, sigma, class_labels, time_min, time_max)
+
+
+@pytest.mark.parametrize('name,settings', [
+    ('edm', {}), ('dg', dict(dg_weight_2nd_order=1.0, boosting=True)),
+    ('isir', dict(S_churn=40.0, num_candidates=3, num_iterations=2, candidate_chunk=2)),
+    ('diffrs', dict(thresholds=(np.zeros(7), np.zeros(7)), slots=2))])
+def test_class_labels_follow_their_rows(name, settings):
+  den, disc = _LabelChecking(TB.model_denoiser), _LabelChecking(TB.discriminator)
+  fn = samplers.get_sampler(name)(den, disc, shape=TB.shape, num_steps=6, **settings)
+  labels = jax.nn.one_hot(jnp.arange(4) % 10, 10)
+  x, stats = jax.eval_shape(fn, sample_keys(0, 4), labels)
+  assert x.shape == (4,) + TB.shape and stats['nfe'].shape == (4,)

@@ -74,8 +74,8 @@ def dg_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Array
       log_ratio = jnp.where(inside, log_ratio, jnp.inf)
       if boost_weight:
         double = (log_ratio < 0) & (i % _BOOST_WEIGHT_PERIOD == 0)
-        g = g * edm._rows(jnp.where(double, 2.0, 1.0), g)
-      return weight * g / edm._rows(sigma, g), log_ratio
+        g = g * edm.per_row(jnp.where(double, 2.0, 1.0), g)
+      return weight * g / edm.per_row(sigma, g), log_ratio
     return fn
 
   def body(carry, i, heun):

@@ -126,7 +126,7 @@ def load_thresholds(path: str) -> Thresholds:
 
 @dataclasses.dataclass(frozen=True)
 class DiffRSSettings:
-  thresholds: Union[Thresholds, str, None] = None  # or the path of an npz
+  thresholds: Union[Thresholds, tuple, dict, str, None] = None  # or an npz path
   backsteps: int = 1
   min_backsteps: int = 0
   max_backsteps: Optional[int] = None   # default: num_steps
@@ -141,7 +141,8 @@ class DiffRSSettings:
                        'to an npz from diffrs.save_thresholds)')
     if isinstance(th, str):
       th = load_thresholds(th)
-    th = Thresholds(np.asarray(th.log_ratio, np.float32), np.asarray(th.increment, np.float32))
+    th = Thresholds(**th) if isinstance(th, dict) else Thresholds(*th)
+    th = Thresholds(*(np.asarray(v, np.float32) for v in th))
     for name, v in zip(Thresholds._fields, th):
       if v.shape != (num_steps + 1,):
         raise ValueError(f'diffrs: thresholds.{name} must have num_steps + 1 = '
@@ -236,7 +237,7 @@ def diffrs_sample(denoiser, discriminator, keys: Array, class_labels: Optional[A
     eps_back = jax.vmap(lambda k: schedule.candidate_normal(k, 1, shape))(ekeys)
     x_back = jnp.where(
         row(ln.idx == 0, ln.x), t[0] * eps_back,
-        ln.x + edm._rows(jnp.sqrt(t[idx_back] ** 2 - t[ln.idx] ** 2), ln.x) * eps_back)
+        ln.x + edm.per_row(jnp.sqrt(t[idx_back] ** 2 - t[ln.idx] ** 2), ln.x) * eps_back)
     # Accepted and not finished: one EDM step from level idx to idx + 1.
     k = jnp.minimum(ln.idx, n - 1)
     t_cur, t_next = t[k], t[k + 1]

@@ -20,9 +20,10 @@ Array = jax.Array
 Guide = Callable[[Array, Array], tuple[Array, Any]]
 
 
-def _rows(v: Array, x: Array) -> Array:
-  """Broadcasts a per-row [R] (or scalar) value against x [R, ...]."""
-  v = jnp.asarray(v, x.dtype)
+def per_row(v: Array, x: Array) -> Array:
+  """Broadcasts a per-row [R] (or scalar) value or mask against x [R, ...]."""
+  v = jnp.asarray(v)
+  v = v if v.dtype == bool else v.astype(x.dtype)
   return v.reshape(v.shape + (1,) * (x.ndim - v.ndim)) if v.ndim else v
 
 
@@ -105,29 +106,29 @@ def edm_step(denoiser, x: Array, t_cur: Array, t_next: Array, eps: Optional[Arra
     ``(x_next, aux)`` with ``aux`` the auxiliary output of ``guide1`` (None without it).
   """
   # Churn: raise the noise level to t_hat and add the matching noise (lines 4-6).
-  t_hat = denoiser.round_sigma(t_cur * (1 + gamma))
+  t_hat = denoiser.round_sigma(t_cur + gamma * t_cur)
   if eps is None:
     x_hat = x
   else:
-    x_hat = x + _rows(jnp.sqrt(jnp.maximum(t_hat ** 2 - t_cur ** 2, 0.0)) * S_noise, x) * eps
+    x_hat = x + per_row(jnp.sqrt(jnp.maximum(t_hat ** 2 - t_cur ** 2, 0.0)) * S_noise, x) * eps
   # Euler step (line 7-8).
-  d = (x_hat - denoiser(x_hat, t_hat, class_labels)) / _rows(t_hat, x)
+  d = (x_hat - denoiser(x_hat, t_hat, class_labels)) / per_row(t_hat, x)
   aux = None
   if guide1 is not None:
     delta, aux = guide1(x_hat, t_hat)
     d = d + delta
-  x_next = x_hat + _rows(t_next - t_hat, x) * d
+  x_next = x_hat + per_row(t_next - t_hat, x) * d
   if heun is False:
     return x_next, aux
   # Heun correction (lines 9-11); rows without it get a safe dummy level.
   t2 = t_next if heun is True else jnp.where(heun, t_next, 1.0)
-  d2 = (x_next - denoiser(x_next, t2, class_labels)) / _rows(t2, x)
+  d2 = (x_next - denoiser(x_next, t2, class_labels)) / per_row(t2, x)
   if guide2 is not None:
     d2 = d2 + guide2(x_next, t2)[0]
-  x_heun = x_hat + _rows(t_next - t_hat, x) * (0.5 * d + 0.5 * d2)
+  x_heun = x_hat + per_row(t_next - t_hat, x) * (0.5 * d + 0.5 * d2)
   if heun is True:
     return x_heun, aux
-  return jnp.where(_rows(heun, x), x_heun, x_next), aux
+  return jnp.where(per_row(heun, x), x_heun, x_next), aux
 
 
 def run_steps(body: Callable, carry, step: StepSettings):
@@ -186,7 +187,8 @@ def edm_sample(denoiser, keys: Array, class_labels: Optional[Array] = None,
 
   Args:
     denoiser: a `Denoiser` (see isir_jax/types.py).
-    keys: [B] keys, one per sample; step i's noise comes from ``fold_in(keys[b], i)``.
+    keys: [B] keys, one per sample; step i's churn noise is derived from
+      ``fold_in(keys[b], i)`` (see `propose`), so a sample does not depend on its batch.
     class_labels: [B, label_dim] one-hot, or None.
     latents: optional [B, *shape] standard normal latents (default: from each key).
     shape: static image shape (H, W, C).
