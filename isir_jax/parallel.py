@@ -1,12 +1,16 @@
 """The one place that knows about devices and hosts.
 
-Sampling is data parallel: a global batch of per-sample keys is split over the
-processes (contiguous slices), and each process splits its slice over its local
-devices with ``jax.pmap``. Sample ``i`` of a run is drawn from
-``fold_in(key(seed), i)`` and a sampler's output for a sample depends only on its
-key, so the images do not depend on the batch size or on the device count.
-A batch that does not divide evenly is padded with the keys of the following
-indices and the padded outputs are dropped.
+Sampling is data parallel over a 1-D mesh of all devices (all hosts): ``jax.jit`` of a
+``jax.shard_map`` that runs the per-sample sampler on each device's slice of the
+global batch, with the model weights passed as replicated arguments (not baked into
+the program as constants). This is what ``jax.pmap`` itself lowers to since JAX 0.8
+(pmap is now implemented with jit + shard_map), written out so that the weights stay
+on the devices between calls and multi-host runs need no per-process bookkeeping.
+
+Sample ``i`` of a run is drawn from ``fold_in(key(seed), i)`` and a sampler's output for
+a sample depends only on its key, so the images do not depend on the batch size or on
+the device count. A batch that does not divide evenly over the devices is padded with
+the following indices and the padded outputs are dropped.
 """
 
 import math
@@ -16,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 # Streams derived from the run's key beside the samples' own keys fold_in(key(seed), i):
 # class labels and warm-up runs (DiffRS thresholds). Sample indices stay below both.
@@ -83,27 +89,63 @@ def sample_labels(base: jax.Array, indices: np.ndarray, label_dim: int,
   return np.eye(label_dim, dtype=np.float32)[np.asarray(classes)]
 
 
-class ShardedSampler:
-  """Runs a per-sample sampler on a fixed global batch over all devices and hosts.
+def _partition(tree: Any) -> tuple[list, Callable[[list], Any]]:
+  """Splits a pytree into its array leaves and a function that puts arrays back.
 
-  The global batch of ``batch_size`` samples is split into contiguous per-process
-  slices of ``ceil(batch_size / process_count)`` samples, each padded to a multiple
-  of the local device count; every call has the same shapes, so it compiles once.
+  Array leaves (network weights) become arguments of the compiled program; other
+  leaves (modules, settings, unregistered objects such as the testbed's) stay static.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  is_array = [isinstance(leaf, (jax.Array, np.ndarray)) for leaf in leaves]
+
+  def combine(arrays: list) -> Any:
+    it = iter(arrays)
+    return treedef.unflatten([next(it) if a else leaf for leaf, a in zip(leaves, is_array)])
+
+  return [leaf for leaf, a in zip(leaves, is_array) if a], combine
+
+
+class ShardedSampler:
+  """Runs a per-sample sampler on a fixed global batch over all devices of all hosts.
+
+  The global batch is padded to a multiple of the device count and split evenly; every
+  call has the same shapes, so the program compiles once. Every process calls it with
+  the same arguments and gets the whole batch back.
   """
 
-  def __init__(self, sample_fn: Callable[..., Any], batch_size: int):
+  def __init__(self, sample_fn: Callable[..., Any], batch_size: int, models: Any = None):
     """Args:
-      sample_fn: ``sample_fn(keys, class_labels) -> outputs`` (a pytree of per-sample
-        arrays, e.g. ``(images, stats)``), pure, each row a function of its key only.
+      sample_fn: ``sample_fn(models, keys, class_labels) -> outputs`` (a pytree of
+        per-sample arrays, e.g. ``(images, stats)``), pure, each row a function of
+        its key (and label) only.
       batch_size: the global number of samples per call.
+      models: a pytree (e.g. ``(denoiser, discriminator)``) passed to ``sample_fn``;
+        its arrays are replicated on every device once.
     """
     if batch_size < 1:
       raise ValueError(f'batch size must be >= 1, got {batch_size}')
     self.batch_size = batch_size
-    self.per_process = math.ceil(batch_size / jax.process_count())
-    self.per_device = math.ceil(self.per_process / jax.local_device_count())
-    self.padding = self.per_device * jax.local_device_count() * jax.process_count() - batch_size
-    self._pmapped = jax.pmap(sample_fn)
+    self.mesh = jax.make_mesh((jax.device_count(),), ('batch',))
+    self.rows = math.ceil(batch_size / jax.device_count()) * jax.device_count()
+    self.padding = self.rows - batch_size
+    arrays, combine = _partition(models)
+    self._arrays = jax.device_put(arrays, NamedSharding(self.mesh, P()))
+    self._batch = NamedSharding(self.mesh, P('batch'))
+
+    def per_device(arrays, base, indices, labels):
+      base = jax.random.wrap_key_data(base)
+      keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
+      return sample_fn(combine(arrays), keys, labels)
+
+    # No collectives: each device only runs its own samples, so the per-device code needs
+    # no varying-axis typing (samplers' scan carries start from unsharded constants).
+    self._run = jax.jit(jax.shard_map(per_device, mesh=self.mesh,
+                                      in_specs=(P(), P(), P('batch'), P('batch')),
+                                      out_specs=P('batch'), check_vma=False))
+
+  def _global(self, rows: np.ndarray) -> jax.Array:
+    """The global [self.rows, ...] array of host data, sharded over the batch axis."""
+    return jax.make_array_from_callback(rows.shape, self._batch, lambda index: rows[index])
 
   def __call__(self, base: jax.Array, start: int,
                class_labels: Optional[np.ndarray]) -> Any:
@@ -115,23 +157,15 @@ class ShardedSampler:
       class_labels: one-hot labels [batch_size, label_dim] of these samples, or None.
 
     Returns:
-      The sampler's outputs (``(images, stats)``) as numpy arrays with ``batch_size``
-      rows, on every process.
+      The sampler's outputs as numpy arrays with ``batch_size`` rows, on every process.
     """
-    n_local = jax.local_device_count()
-    first = start + jax.process_index() * self.per_process
-    rows = self.per_device * n_local
-    keys = sample_keys(base, np.arange(first, first + rows))
-    keys = keys.reshape(n_local, self.per_device)
+    indices = self._global(np.arange(start, start + self.rows, dtype=np.uint32))
     labels = None
     if class_labels is not None:
       # Padding rows repeat the last label; their outputs are dropped.
-      local = np.arange(first - start, first - start + rows)
-      labels = class_labels[np.minimum(local, len(class_labels) - 1)]
-      labels = labels.reshape(n_local, self.per_device, -1)
-    out = jax.tree_util.tree_map(
-        lambda a: np.asarray(a).reshape((rows,) + a.shape[2:])[:self.per_process],
-        self._pmapped(keys, labels))
+      rows = np.minimum(np.arange(self.rows), len(class_labels) - 1)
+      labels = self._global(np.asarray(class_labels, np.float32)[rows])
+    out = self._run(self._arrays, jax.random.key_data(base), indices, labels)
     if jax.process_count() > 1:
       out = multihost_utils.process_allgather(out, tiled=True)
     return jax.tree_util.tree_map(lambda a: np.asarray(a)[:self.batch_size], out)

@@ -151,9 +151,9 @@ def _diffrs_thresholds(config, denoiser, discriminator, workdir: str, settings: 
   step = dataclasses.asdict(edm.split_settings(settings)[0])
   shape = (denoiser.img_resolution, denoiser.img_resolution, denoiser.img_channels)
   warmup = parallel.ShardedSampler(
-      lambda keys, labels: diffrs.warmup_log_ratios(denoiser, discriminator, keys, labels,
-                                                    shape=shape, **step),
-      config.sample.batch_size)
+      lambda models, keys, labels: diffrs.warmup_log_ratios(*models, keys, labels,
+                                                            shape=shape, **step),
+      config.sample.batch_size, (denoiser, discriminator))
   base = parallel.base_key(config.seed, parallel.WARMUP_STREAM)
   label_dim = _label_dim(denoiser)
   log_ratios = []
@@ -174,7 +174,11 @@ def _diffrs_thresholds(config, denoiser, discriminator, workdir: str, settings: 
 
 def make_sample_fn(config: ml_collections.ConfigDict, denoiser, discriminator,
                    workdir: str) -> Callable:
-  """Builds ``sample_fn(keys, class_labels) -> (images, stats)`` from ``config.sampler``."""
+  """Builds ``sample_fn(models, keys, class_labels) -> (images, stats)`` from ``config.sampler``.
+
+  ``models`` is ``(denoiser, discriminator)``, passed at call time so that the weights
+  are arguments of the compiled program. The settings are checked here, once.
+  """
   from isir_jax import samplers  # pylint: disable=g-import-not-at-top
   settings = {k: v for k, v in config.sampler.items() if k not in _DRIVER_SAMPLER_KEYS}
   shape = (denoiser.img_resolution, denoiser.img_resolution, denoiser.img_channels)
@@ -183,10 +187,11 @@ def make_sample_fn(config: ml_collections.ConfigDict, denoiser, discriminator,
     if config.sampler.name == 'diffrs':
       settings['thresholds'] = _diffrs_thresholds(config, denoiser, discriminator, workdir,
                                                   settings)
-    sample_fn = factory(denoiser, discriminator, shape=shape, **settings)
+    factory(denoiser, discriminator, shape=shape, **settings)
   except (TypeError, ValueError) as e:
     raise RunError(f'config.sampler ({config.sampler.name}): {e}') from None
-  return lambda keys, class_labels: sample_fn(keys, class_labels)
+  return lambda models, keys, class_labels: factory(*models, shape=shape, **settings)(
+      keys, class_labels)
 
 
 def _shard_sizes(config) -> list[int]:
@@ -249,12 +254,11 @@ def _generate(config, workdir: str, todo: list[int], sizes: list[int], denoiser,
   main = parallel.is_main_process()
   label_dim = _label_dim(denoiser)
   sampler = parallel.ShardedSampler(make_sample_fn(config, denoiser, discriminator, workdir),
-                                    config.sample.batch_size)
+                                    config.sample.batch_size, (denoiser, discriminator))
   if sampler.padding and main:
-    logging.warning('batch size %d is not a multiple of %d devices x %d processes: '
-                    '%d padded samples per batch are computed and dropped',
-                    config.sample.batch_size, jax.local_device_count(), jax.process_count(),
-                    sampler.padding)
+    logging.warning('batch size %d is not a multiple of %d devices: %d padded samples per '
+                    'batch are computed and dropped', config.sample.batch_size,
+                    jax.device_count(), sampler.padding)
   base = parallel.base_key(config.seed)
   for k in tqdm(todo, desc='shards', disable=not main):
     start = k * config.sample.batch_size
