@@ -4,9 +4,9 @@ The model denoiser is exact for the *wrong* mixture (weights 0.5/0.5), the discr
 the exact log density ratio to the true one (0.2/0.8). Each row reports the largest error of
 the sampled mixture weights against the true weights and the denoiser evaluations per sample.
 
-    python -m benchmarks.testbed [--testbed gmm2] [--samples 4000] [--steps 18]
+    python -m benchmarks.testbed [--testbeds gmm2,gmm64] [--samples 4000] [--steps 18]
 
-Writes the table to benchmarks/results/testbed.md as well.
+Writes the tables to benchmarks/results/testbed.md as well.
 """
 
 import argparse
@@ -84,18 +84,19 @@ def run(name: str, num_samples: int, steps: int) -> str:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--testbed', default='gmm2', choices=['gmm2', 'gmm64'])
+  parser.add_argument('--testbeds', default='gmm2,gmm64',
+                      help='comma-separated testbed names (gmm2, gmm64)')
   parser.add_argument('--samples', type=int, default=4000)
   parser.add_argument('--steps', type=int, default=18)
   parser.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'results',
                                                     'testbed.md'))
   args = parser.parse_args()
-  table = run(args.testbed, args.samples, args.steps)
+  tables = [run(name, args.samples, args.steps) for name in args.testbeds.split(',')]
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, 'w') as f:
     f.write('# Samplers on the exact Gaussian-mixture testbed\n\n'
-            f'`python -m benchmarks.testbed --testbed {args.testbed} --samples {args.samples} '
-            f'--steps {args.steps}`\n\n' + table)
+            f'`python -m benchmarks.testbed --testbeds {args.testbeds} --samples {args.samples} '
+            f'--steps {args.steps}`\n\n' + '\n'.join(tables))
   print(f'wrote {args.out}')
 
 

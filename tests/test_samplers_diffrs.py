@@ -108,3 +108,17 @@ def test_settings_are_checked():
   with pytest.raises(ValueError, match='num_steps \\+ 1'):
     samplers.get_sampler('diffrs')(TB.model_denoiser, TB.discriminator, shape=TB.shape,
                                    num_steps=6, thresholds=bad)
+
+
+def test_pmap_and_vmap(small_thresholds):
+  """sample_fn is pure: pmap over devices and vmap over batches give the jitted samples."""
+  th, _ = small_thresholds
+  fn = samplers.get_sampler('diffrs')(TB.model_denoiser, TB.discriminator, shape=TB.shape,
+                                      thresholds=th, **SMALL)
+  keys = sample_keys(5, 8)
+  ref, _ = jax.jit(fn)(keys)
+  devices = jax.local_device_count()
+  mapped, _ = jax.pmap(fn)(keys[:devices * (8 // devices)].reshape(devices, -1))
+  np.testing.assert_allclose(mapped.reshape(ref.shape), ref, rtol=1e-5, atol=1e-5)
+  vmapped, _ = jax.jit(jax.vmap(fn))(keys.reshape(2, 4))
+  np.testing.assert_allclose(vmapped.reshape(ref.shape), ref, rtol=1e-5, atol=1e-5)

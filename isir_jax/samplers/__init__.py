@@ -1,31 +1,44 @@
 """Jitted samplers over the `Denoiser` / `Discriminator` protocols: EDM, DG, DiffRS, ISIR.
 
-    from isir_jax import samplers
-    sample_fn = samplers.get_sampler('isir')(denoiser, discriminator, shape=(32, 32, 3),
-                                             num_steps=18, S_churn=10, num_candidates=8)
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(B))
-    images, stats = jax.jit(sample_fn)(keys)
+    from isir_jax import samplers, testbed
+    tb = testbed.make_testbed('gmm2')
+    sample_fn = samplers.get_sampler('isir')(tb.model_denoiser, tb.discriminator, shape=tb.shape,
+                                             num_steps=18, S_churn=40, num_candidates=16,
+                                             num_iterations=4)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(1000))
+    images, stats = jax.jit(sample_fn)(keys)     # stats: nfe, ess, ess_initial
 
 Every factory has the signature ``factory(denoiser, discriminator=None, *, shape, **settings)``
-and returns ``sample_fn(keys, class_labels=None, latents=None) -> (images, stats)``.
+and returns the pure ``sample_fn(keys, class_labels=None, latents=None) -> (images, stats)``,
+with one key per sample. Settings: `edm.StepSettings` (num_steps, sigma_min, sigma_max, rho,
+solver, S_churn, S_min, S_max, S_noise) plus each method's own (see its module).
 """
 
 from typing import Callable
 
-from isir_jax.samplers.edm import edm_sample, edm_sampler, edm_step, StepSettings
+from isir_jax.samplers.diffrs import (Thresholds, diffrs_sample, diffrs_sampler,
+                                      estimate_thresholds, load_thresholds, save_thresholds)
+from isir_jax.samplers.dg import dg_sample, dg_sampler
+from isir_jax.samplers.edm import StepSettings, edm_sample, edm_sampler, edm_step
+from isir_jax.samplers.isir import adaptive_schedule, isir_sample, isir_sampler
 
 _REGISTRY = {
-    'edm': 'isir_jax.samplers.edm:edm_sampler',
-    'dg': 'isir_jax.samplers.dg:dg_sampler',
-    'diffrs': 'isir_jax.samplers.diffrs:diffrs_sampler',
-    'isir': 'isir_jax.samplers.isir:isir_sampler',
+    'edm': edm_sampler,
+    'dg': dg_sampler,
+    'diffrs': diffrs_sampler,
+    'isir': isir_sampler,
 }
+
+__all__ = [
+    'StepSettings', 'Thresholds', 'adaptive_schedule', 'dg_sample', 'dg_sampler',
+    'diffrs_sample', 'diffrs_sampler', 'edm_sample', 'edm_sampler', 'edm_step',
+    'estimate_thresholds', 'get_sampler', 'isir_sample', 'isir_sampler', 'load_thresholds',
+    'save_thresholds',
+]
 
 
 def get_sampler(name: str) -> Callable:
   """The factory of sampler ``name`` (one of 'edm', 'dg', 'diffrs', 'isir')."""
   if name not in _REGISTRY:
     raise ValueError(f'samplers: unknown sampler {name!r}; expected one of {sorted(_REGISTRY)}')
-  import importlib
-  module, attr = _REGISTRY[name].split(':')
-  return getattr(importlib.import_module(module), attr)
+  return _REGISTRY[name]

@@ -11,10 +11,17 @@ density ratio. i-SIR with N candidates and K iterations (Andrieu et al. 2018):
 The pick after K iterations is the next state. ``r(x)`` is common to all candidates and
 cancels. The initial state ``x_T`` is chosen by the same i-SIR among ``sigma_max * eps``
 draws weighted by ``exp(d(x, t_0))``. Every candidate of a step starts from the same
-``(x_i, t_i)``; all B*N candidates of an iteration go through one denoiser call per solver
-stage and one discriminator call (or ``candidate_chunk``-sized pieces of it, mapped by
-``lax.map``, with identical results). Denoiser evaluations per step: ``2 (N + (K-1)(N-1))``
+``(x_i, t_i)``; the candidates of an iteration (B*N rows in iteration 1, B*(N-1) fresh ones
+later) go through one denoiser call per solver stage and one discriminator call, or through
+``candidate_chunk``-sized pieces mapped by ``lax.map`` (same draws and choices; values agree
+to float rounding, as XLA may round differently for different batch shapes). Denoiser evaluations per step: ``2 (N + (K-1)(N-1))``
 (the last step, Euler, half that).
+
+The limit: as N, K grow each step samples ``q(x'|x) r(x') / Z(x)`` with ``Z(x) = E_q[r(x')]``.
+The product over steps telescopes to the data distribution where ``Z(x) = r(x, t_i)``, which
+holds for the model's exact reverse kernel but only approximately for a churned ODE step, so
+a discretisation-dependent bias remains (exact testbed, 18 Heun steps at S_churn = 40: weight
+error < 0.01 at N=16, K=4; 32 steps: it overshoots by about 0.04).
 
 Per-step schedules: ``num_candidates`` / ``num_iterations`` are ints or per-step sequences
 (length ``num_steps``); `adaptive_schedule` gives the seed's rule from DiffRS margins. With a
@@ -28,7 +35,6 @@ noise of `edm_sample`, so N = 1 reproduces stochastic EDM bit for bit.
 """
 
 import dataclasses
-import math
 from typing import Callable, Optional, Sequence, Union
 
 import jax
