@@ -47,6 +47,14 @@ def _check_model_dir(key: str, directory: str) -> None:
         'convert the checkpoint first with python -m checkpoints_convert.<family>')
 
 
+def _load(key: str, loader: Callable, directory: str):
+  """Runs a model loader, turning its errors (e.g. a wrong model family) into one line."""
+  try:
+    return loader(directory)
+  except (OSError, ValueError, KeyError) as e:
+    raise RunError(f'config.model.{key}={directory}: {e}') from None
+
+
 def _uses_discriminator(config: ml_collections.ConfigDict) -> bool:
   return config.sampler.name != 'edm'
 
@@ -70,11 +78,12 @@ def load_models(config: ml_collections.ConfigDict) -> tuple[Any, Optional[Any]]:
     if needs_disc:
       _check_model_dir('discriminator', config.model.discriminator)
     from isir_jax import denoiser as denoiser_lib  # pylint: disable=g-import-not-at-top
-    denoiser = denoiser_lib.load_denoiser(config.model.denoiser)
+    from isir_jax import discriminator as disc_lib  # pylint: disable=g-import-not-at-top
+    denoiser = _load('denoiser', denoiser_lib.load_denoiser, config.model.denoiser)
     discriminator = None
     if needs_disc:
-      from isir_jax import discriminator as disc_lib  # pylint: disable=g-import-not-at-top
-      discriminator = disc_lib.load_discriminator(config.model.discriminator)
+      discriminator = _load('discriminator', disc_lib.load_discriminator,
+                            config.model.discriminator)
   else:
     raise RunError(f"config.model.kind={config.model.kind!r}: expected 'checkpoint' or 'testbed'")
   _check_conditioning(config, denoiser, discriminator if needs_disc else None)

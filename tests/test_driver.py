@@ -355,3 +355,37 @@ def test_conditioning_mismatch(edm_dirs, tmp_path, network, arg, message):
   with pytest.raises(run_lib.RunError, match=re.escape(message.format(dir=edm_dirs[network]))):
     run_lib.sample(config, str(tmp_path))
   assert not os.listdir(tmp_path)
+
+
+@pytest.fixture(scope='module')
+def dg_cond_dir(tmp_path_factory):
+  """The repository's DG fixture (16x16 classifier + class-conditional head), converted."""
+  from checkpoints_convert import dg as convert_dg  # pylint: disable=g-import-not-at-top
+  from checkpoints_convert.reader import read_state_dict  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(ROOT, 'tests', 'data', 'dg', 'arch.json')) as f:
+    arch = convert_dg.Arch(**json.load(f), cond=True)
+  params, config = convert_dg.convert(
+      read_state_dict(os.path.join(ROOT, 'tests', 'data', 'dg', 'classifier.pt')),
+      read_state_dict(os.path.join(ROOT, 'tests', 'data', 'dg', 'discriminator_cond.pt')), arch)
+  directory = str(tmp_path_factory.mktemp('models') / 'dg_cond')
+  checkpoints.save_model(directory, params, config)
+  return directory
+
+
+def test_unconditional_config_with_conditional_discriminator(edm_dirs, dg_cond_dir, tmp_path):
+  config = cifar10_config.get_config('dg,tiny')
+  config.model.denoiser = edm_dirs['ddpmpp_vp']
+  config.model.discriminator = dg_cond_dir
+  with pytest.raises(run_lib.RunError, match=re.escape(
+      f'config.model.conditional=False but config.model.discriminator={dg_cond_dir} is '
+      'conditional')):
+    run_lib.sample(config, str(tmp_path))
+  assert not os.listdir(tmp_path)
+
+
+def test_wrong_model_family(dg_cond_dir, tmp_path):
+  config = cifar10_config.get_config('edm,tiny')
+  config.model.denoiser = dg_cond_dir
+  with pytest.raises(run_lib.RunError, match=re.escape(
+      f"config.model.denoiser={dg_cond_dir}: ") + ".*family is 'dg_discriminator', expected 'edm'"):
+    run_lib.sample(config, str(tmp_path))
