@@ -143,6 +143,36 @@ def test_resume_after_sigkill(reference_run, tmp_path):
   np.testing.assert_array_equal(load_run(tmp_path), load_run(reference_run))
 
 
+@pytest.mark.parametrize('module,arg', [
+    (module, f'{method}{flags}')
+    for module, flag_sets in ((cifar10_config, ('', ',cond', ',tiny', ',cond,tiny')),
+                              (testbed_config, ('', ',tiny')))
+    for method in ('edm', 'dg', 'diffrs', 'isir', 'isir_stochastic')
+    for flags in flag_sets])
+def test_every_config_builds_its_sampler(module, arg):
+  """Each config's sampler settings are accepted by the sampler factory (no compile)."""
+  from isir_jax import samplers  # pylint: disable=g-import-not-at-top
+  from isir_jax import testbed  # pylint: disable=g-import-not-at-top
+  from isir_jax.samplers import diffrs  # pylint: disable=g-import-not-at-top
+  config = module.get_config(arg)
+  assert config.model.conditional == ('cond' in arg)
+  assert config.sampler.name == arg.split(',')[0].split('_')[0]
+  if 'tiny' in arg:
+    assert config.sample.num_samples <= 8
+  settings = {k: v for k, v in config.sampler.items() if k not in run_lib._DRIVER_SAMPLER_KEYS}
+  if config.sampler.name == 'diffrs':
+    zeros = np.zeros(config.sampler.num_steps + 1, np.float32)
+    settings['thresholds'] = diffrs.Thresholds(zeros, zeros)
+  bed = testbed.make_testbed('gmm64')
+  samplers.get_sampler(config.sampler.name)(bed.model_denoiser, bed.discriminator,
+                                            shape=bed.shape, **settings)
+
+
+def test_bad_config_argument():
+  with pytest.raises(ValueError, match=r'configs/cifar10.py: bad config argument .*foo'):
+    cifar10_config.get_config('isir,foo')
+
+
 def _fails_with(result: subprocess.CompletedProcess, message: str) -> None:
   assert result.returncode != 0
   last = result.stderr.strip().splitlines()[-1]
