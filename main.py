@@ -5,8 +5,8 @@ This file is intentionally kept short: the logic is in ``isir_jax.run_lib``
 it can be tested. Examples::
 
   python main.py                                     # the default config, tiny and exact
-  python main.py --config=configs/cifar10.py:isir --workdir=runs/cifar10-isir
-  python main.py --config=configs/cifar10.py:isir --workdir=runs/cifar10-isir --mode=eval
+  python main.py --config=configs/cifar10.py:isir --workdir=workdir/cifar10-isir
+  python main.py --config=configs/cifar10.py:isir --workdir=workdir/cifar10-isir --mode=eval
   python main.py --config=configs/cifar10.py:dg,cond --config.sample.num_samples=10000
 """
 

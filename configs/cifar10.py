@@ -1,12 +1,20 @@
 """CIFAR-10 32x32 with EDM's VP networks and DG's discriminators.
 
 ``--config=configs/cifar10.py:METHOD[,cond][,tiny]`` with METHOD one of
-edm | dg | diffrs | isir | isir_stochastic; ``cond`` selects the class-conditional
-networks. Model paths are the converted directories of the published checkpoints:
+edm | dg | diffrs | isir | isir_stochastic (default isir); ``cond`` selects the
+class-conditional networks, ``tiny`` a few-second smoke run of the same path.
+The model paths are directories converted once from the published checkpoints:
 
   python -m checkpoints_convert.edm --src edm-cifar10-32x32-uncond-vp.pkl --dst models/edm-cifar10-uncond
+  python -m checkpoints_convert.edm --src edm-cifar10-32x32-cond-vp.pkl --dst models/edm-cifar10-cond
   python -m checkpoints_convert.dg --classifier 32x32_classifier.pt \
-      --head discriminator_60.pt --dst models/dg-cifar10-uncond
+      --discriminator discriminator_60.pt --dst models/dg-cifar10-uncond
+  python -m checkpoints_convert.dg --classifier 32x32_classifier.pt \
+      --discriminator discriminator_250.pt --cond --dst models/dg-cifar10-cond
+  python -m checkpoints_convert.inception --src pt_inception-2015-12-05-6726825d.pth \
+      --dst models/inception
+
+plus EDM's reference statistics ``cifar10-32x32.npz`` in ``models/``.
 """
 
 import ml_collections
