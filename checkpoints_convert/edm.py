@@ -216,8 +216,12 @@ def summary(variables: dict, config: dict) -> str:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('src', None, 'EDM network pickle (.pkl).')
-flags.DEFINE_string('dst', None, 'Output model directory (config.json + params/).')
+
+
+def _define_flags():
+  """CLI flags, defined only when run as a script (importers keep a clean flag set)."""
+  flags.DEFINE_string('src', None, 'EDM network pickle (.pkl).')
+  flags.DEFINE_string('dst', None, 'Output model directory (config.json + params/).')
 
 
 @main_guard
@@ -232,4 +236,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

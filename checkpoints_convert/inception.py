@@ -102,18 +102,24 @@ def convert_file(src: str, dst: str, width_divisor: int = 1) -> None:
   checkpoints.save_model(dst, variables, config)
 
 
-_SRC = flags.DEFINE_string('src', None, 'pytorch-fid weights: pt_inception-2015-12-05-6726825d.pth')
-_DST = flags.DEFINE_string('dst', None, 'output model directory (replaced if it exists)')
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  """CLI flags, defined only when run as a script (importers keep a clean flag set)."""
+  flags.DEFINE_string('src', None, 'pytorch-fid weights: pt_inception-2015-12-05-6726825d.pth')
+  flags.DEFINE_string('dst', None, 'output model directory (replaced if it exists)')
 
 
 @main_guard
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  convert_file(_SRC.value, _DST.value)
-  print(f'wrote {_DST.value}')
+  convert_file(FLAGS.src, FLAGS.dst)
+  print(f'wrote {FLAGS.dst}')
 
 
 if __name__ == '__main__':
+  _define_flags()
   flags.mark_flags_as_required(['src', 'dst'])
   app.run(main)

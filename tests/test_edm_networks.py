@@ -62,6 +62,7 @@ def converted(tmp_path_factory):
       sys.modules['torch'] = None  # any 'import torch' now fails
       from checkpoints_convert import edm
       import isir_jax.denoiser
+      edm._define_flags()
       for src, dst in {jobs!r}:
         edm.FLAGS(['edm', '--src', src, '--dst', dst])
         edm.main([])
