@@ -49,7 +49,7 @@ def methods(config: ml_collections.ConfigDict, sweep: list[str], churn: float
             ) -> dict[str, ml_collections.ConfigDict]:
   """Label -> sampler settings of every benchmarked method."""
   base = config.demo.samplers
-  out = {'edm': base.edm, 'dg': base.dg, 'diffrs': base.diffrs}
+  out = {m: demo.method_settings(config, m) for m in ('edm', 'dg', 'diffrs')}
   stoch = dict(base.isir_stochastic.to_dict(), S_churn=churn)
   edm_churn = {k: v for k, v in stoch.items() if k not in ('num_candidates', 'num_iterations')}
   out['edm_churn'] = ml_collections.ConfigDict(dict(edm_churn, name='edm'))

@@ -74,7 +74,7 @@ def train_config() -> ml_collections.ConfigDict:
   return t
 
 
-def demo_samplers(thresholds: str) -> ml_collections.ConfigDict:
+def demo_samplers() -> ml_collections.ConfigDict:
   """``config.demo.samplers``: one section per demo method, passed to ``get_sampler(name)``.
 
   18 Heun steps (35 NFE) as EDM's CIFAR-10 setting. ISIR needs stochastic proposals
@@ -87,8 +87,8 @@ def demo_samplers(thresholds: str) -> ml_collections.ConfigDict:
       'edm': dict(name='edm', **step),
       # EDM-G++ (Kim et al. 2023): w1 = 2 in the Euler part, none in the Heun correction.
       'dg': dict(name='dg', dg_weight_1st_order=2.0, dg_weight_2nd_order=0.0, **step, **window),
-      # DiffRS (Na et al. 2024): thresholds from a warm-up at rej_percentile 0.75.
-      'diffrs': dict(name='diffrs', thresholds=thresholds, backsteps=1, max_iter=105,
+      # DiffRS (Na et al. 2024): thresholds (config.demo.diffrs_thresholds) from a warm-up.
+      'diffrs': dict(name='diffrs', backsteps=1, max_iter=105,
                      **step),
       # i-SIR, N candidates x K iterations per step: 2 (N + (K-1)(N-1)) NFE per step.
       'isir_stochastic': dict(name='isir', num_candidates=4, num_iterations=2, **step, **churn),
@@ -100,7 +100,7 @@ def get_config(arg: str | None = None):
   config = default.get_config()
   config.name = f'digits-{method}'
   config.model.denoiser = os.path.join(ASSETS, 'denoiser')
-  config.model.discriminator = os.path.join(ASSETS, 'discriminator') if method != 'edm' else ''
+  config.model.discriminator = os.path.join(ASSETS, 'discriminator')   # unused by edm
   config.sampler = default.sampler_config(method)
   config.sample.num_samples = 64
   config.sample.batch_size = 64
@@ -116,7 +116,7 @@ def get_config(arg: str | None = None):
   config.demo.diffrs_thresholds = os.path.join(ASSETS, 'diffrs_thresholds.npz')
   config.demo.rej_percentile = 0.75     # DiffRS warm-up quantile behind diffrs_thresholds
   config.demo.warmup_samples = 512      # warm-up samples of EDM for the DiffRS thresholds
-  config.demo.samplers = demo_samplers(config.demo.diffrs_thresholds)
+  config.demo.samplers = demo_samplers()
 
   config.train = train_config()
   if 'tiny' in flags:

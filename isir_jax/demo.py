@@ -59,6 +59,14 @@ def class_labels(label_dim: int, start: int, count: int) -> Optional[np.ndarray]
   return np.eye(label_dim, dtype=np.float32)[np.arange(start, start + count) % label_dim]
 
 
+def method_settings(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
+  """Sampler settings of a demo method; DiffRS gets ``config.demo.diffrs_thresholds``."""
+  settings = ml_collections.ConfigDict(config.demo.samplers[method].to_dict())
+  if settings.name == 'diffrs':
+    settings.thresholds = config.demo.diffrs_thresholds
+  return settings
+
+
 def build_sampler(settings: ml_collections.ConfigDict, denoiser, discriminator) -> Any:
   """The jitted ``sample_fn(keys, class_labels)`` of one method's sampler settings."""
   rest = {k: v for k, v in settings.items() if k not in _DEMO_KEYS}
@@ -170,7 +178,7 @@ def demo(config: ml_collections.ConfigDict, workdir: str) -> list[Result]:
   rows = []
   for method in config.demo.methods:
     logging.info('demo: sampling %d digits with %s', n, method)
-    r = run_method(method, config.demo.samplers[method], denoiser, discriminator, net,
+    r = run_method(method, method_settings(config, method), denoiser, discriminator, net,
                    config.demo.ref_stats, n, config.seed)
     save_grid(os.path.join(workdir, f'digits_{method}.png'), r.images)
     rows.append(r)

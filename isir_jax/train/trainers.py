@@ -20,7 +20,6 @@ from isir_jax import checkpoints
 from isir_jax import discriminator as dg
 from isir_jax import denoiser as denoiser_lib
 from isir_jax.networks import precond
-from isir_jax.networks.adm_encoder import EncoderUNetModel
 from isir_jax.train import digits_data
 from isir_jax.train import feature_net
 from isir_jax.train import losses
@@ -32,11 +31,6 @@ CLASSIFIER_FAMILY = 'adm_classifier'
 def _kwargs(cfg: ml_collections.ConfigDict) -> dict:
   """A config section as JSON-able module kwargs (tuples as lists)."""
   return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.to_dict().items()}
-
-
-def _encoder(kwargs: dict) -> EncoderUNetModel:
-  return EncoderUNetModel(**{k: tuple(v) if isinstance(v, list) else v
-                             for k, v in kwargs.items()})
 
 
 def _optimizer(cfg: ml_collections.ConfigDict):
@@ -159,7 +153,7 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> list[di
   """
   cfg = config.train.classifier
   images, labels = digits_data.load_digits(config.data.path)
-  module = _encoder(_kwargs(cfg.arch))
+  module = dg.module_from_config(_kwargs(cfg.arch))
   params = module.init(jax.random.key(config.seed), images[:1], jnp.zeros((1,)))['params']
 
   def loss_fn(p, batch, key):
@@ -194,7 +188,7 @@ def train_discriminator(config: ml_collections.ConfigDict, workdir: str) -> list
   """
   cfg = config.train.discriminator
   enc_kwargs, enc_params = load_classifier(cfg.classifier)
-  encoder = _encoder(enc_kwargs)
+  encoder = dg.module_from_config(enc_kwargs)
   real_x, real_y = load_images(cfg.real_data)
   gen_x, gen_y = load_shards(cfg.gen_dir)
   n = cfg.num_data
@@ -213,7 +207,7 @@ def train_discriminator(config: ml_collections.ConfigDict, workdir: str) -> list
                                              cfg.head.num_classes)])
   else:
     head_kwargs['num_classes'] = 0
-  head = _encoder(head_kwargs)
+  head = dg.module_from_config(head_kwargs)
   feats = jax.eval_shape(lambda: encoder.apply({'params': enc_params}, real_x[:1],
                                                jnp.zeros((1,)), feature=True))
   if feats.shape[1:] != (head.image_size, head.image_size, head.in_channels):
@@ -227,15 +221,16 @@ def train_discriminator(config: ml_collections.ConfigDict, workdir: str) -> list
                                                          'head': head_params})
 
   def loss_fn(p, batch, key):
-    params = {'encoder': jax.lax.stop_gradient(enc_params), 'head': p}
-    fn = lambda x, t, c: disc.logit(x, t, c, params=params)
-    return losses.discriminator_loss(fn, batch['image'], batch['is_real'], key,
+    def logit_fn(x_vp, tau, labels):
+      t = disc.network_time(tau)
+      feats = jax.lax.stop_gradient(disc.features(x_vp, t))   # frozen extractor
+      return disc.head_logit(feats, t, labels, head_params=p)
+    return losses.discriminator_loss(logit_fn, batch['image'], batch['is_real'], key,
                                      batch.get('label'), importance=cfg.importance)
 
   state, history = _run(cfg, loss_fn, head_params, data, workdir, 'discriminator', config.seed)
-  loop.save_model(cfg.out, {'encoder': enc_params, 'head': state.params},
-                         {'family': dg.FAMILY, 'encoder': enc_kwargs, 'head': head_kwargs,
-                          'time_map': 'linear', 'prob_clip': 0.0})
+  trained = disc.replace(params={'encoder': enc_params, 'head': state.params})
+  loop.save_model(cfg.out, trained.params, trained.to_config())
   logging.info('discriminator: %d real + %d generated images, final %s',
                len(real_x), len(gen_x), history[-1])
   return history
