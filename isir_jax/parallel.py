@@ -52,11 +52,14 @@ def describe() -> str:
           f'({jax.devices()[0].platform})')
 
 
-def broadcast_from_main(mask: np.ndarray) -> np.ndarray:
-  """Process 0's value of a boolean array on every process (the workdir may be host-local)."""
+def broadcast_from_main(value: np.ndarray) -> np.ndarray:
+  """Process 0's value of an array (same shape everywhere) on every process.
+
+  For what only process 0 reads from the workdir, which may be host-local.
+  """
   if jax.process_count() == 1:
-    return mask
-  return np.asarray(multihost_utils.broadcast_one_to_all(mask))
+    return value
+  return np.asarray(multihost_utils.broadcast_one_to_all(value))
 
 
 def base_key(seed: int, stream: Optional[int] = None) -> jax.Array:

@@ -133,6 +133,9 @@ def _check_sample_config(config: ml_collections.ConfigDict) -> None:
     raise RunError(f'config.sample.num_samples must be >= 1, got {config.sample.num_samples}')
   if config.sample.num_samples >= parallel.WARMUP_STREAM:
     raise RunError(f'config.sample.num_samples must be < 2^32 - 2, got {config.sample.num_samples}')
+  if config.sampler.name == 'diffrs' and config.sampler.thresholds and not os.path.isfile(
+      config.sampler.thresholds):
+    raise RunError(f'config.sampler.thresholds={config.sampler.thresholds}: no such file')
 
 
 def _check_workdir(workdir: str) -> None:
@@ -151,12 +154,15 @@ def _diffrs_thresholds(config, denoiser, discriminator, workdir: str, settings: 
   """
   from isir_jax.samplers import diffrs, edm  # pylint: disable=g-import-not-at-top
   if config.sampler.thresholds:
-    if not os.path.isfile(config.sampler.thresholds):
-      raise RunError(f'config.sampler.thresholds={config.sampler.thresholds}: no such file')
-    return config.sampler.thresholds
+    return config.sampler.thresholds   # an input file, like the checkpoints (checked early)
+  main = parallel.is_main_process()
   path = os.path.join(workdir, DIFFRS_THRESHOLDS_NAME)
-  if os.path.isfile(path):
-    return path   # written by this workdir's config (checked by check_run_config)
+  if parallel.broadcast_from_main(np.array([main and os.path.isfile(path)]))[0]:
+    # Written by this workdir's config (check_run_config); the workdir may be host-local.
+    zeros = np.zeros(config.sampler.num_steps + 1, np.float32)
+    stored = diffrs.load_thresholds(path) if main else diffrs.Thresholds(zeros, zeros)
+    return diffrs.Thresholds(*(parallel.broadcast_from_main(np.asarray(a, np.float32))
+                               for a in stored))
   step = dataclasses.asdict(edm.split_settings(settings)[0])
   shape = (denoiser.img_resolution, denoiser.img_resolution, denoiser.img_channels)
   warmup = parallel.ShardedSampler(
@@ -167,7 +173,6 @@ def _diffrs_thresholds(config, denoiser, discriminator, workdir: str, settings: 
   label_dim = _label_dim(denoiser)
   log_ratios = []
   num = config.sampler.warmup_samples
-  main = parallel.is_main_process()
   for start in tqdm(range(0, num, config.sample.batch_size), desc='diffrs warm-up',
                     disable=not main):
     indices = np.arange(start, start + config.sample.batch_size)
@@ -236,6 +241,10 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> None:
   if main:
     _check_workdir(workdir)
   denoiser, discriminator = load_models(config)
+  label_dim = _label_dim(denoiser)
+  if label_dim and not -1 <= config.sample.class_idx < label_dim:
+    raise RunError(f'config.sample.class_idx must be -1 (random) or in [0, {label_dim}), '
+                   f'got {config.sample.class_idx}')
   if main:
     try:
       resumed = io.check_run_config(workdir, run_config(config))
@@ -354,34 +363,36 @@ def fid_stats(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Computes the FID statistics of ``config.fid.dataset`` into ``workdir/fid_stats.npz``.
 
   The file has EDM's layout (``mu``, ``sigma``) and serves as ``config.fid.ref_stats``.
+  Runs on process 0 (on its local devices); other processes return at once.
   """
   from isir_jax import fid  # pylint: disable=g-import-not-at-top
+  if not parallel.is_main_process():
+    return
   if not config.fid.dataset:
     raise RunError('config.fid.dataset is empty; set it to the images to compute reference '
                    'statistics from (a dir of npz shards or images, an npz, or a zip)')
-  main = parallel.is_main_process()
-  if main:
-    _check_workdir(workdir)
+  _check_workdir(workdir)
   net = _load_inception(config)
   images = _dataset_images(config.fid.dataset, config.fid.batch_size)
-  mu, sigma = fid.compute_statistics(net, images, progress=main)
-  if main:
-    path = os.path.join(workdir, FID_STATS_NAME)
-    fid.save_stats(path, mu, sigma)
-    logging.info('statistics of %s written to %s', config.fid.dataset, path)
+  mu, sigma = fid.compute_statistics(net, images)
+  path = os.path.join(workdir, FID_STATS_NAME)
+  fid.save_stats(path, mu, sigma)
+  logging.info('statistics of %s written to %s', config.fid.dataset, path)
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Scores the first ``config.sample.num_samples`` samples of ``workdir``: FID and IS.
 
   Writes ``workdir/eval.json`` and the samples' statistics ``workdir/eval_stats.npz``.
+  Runs on process 0 (on its local devices); other processes return at once.
 
   Raises:
     RunError: when the reference statistics are missing or of the wrong shape, or the
       workdir holds fewer samples than asked for or was sampled with another config.
   """
   from isir_jax import fid  # pylint: disable=g-import-not-at-top
-  main = parallel.is_main_process()
+  if not parallel.is_main_process():
+    return
   if not config.fid.ref_stats:
     raise RunError('config.fid.ref_stats is empty; set it to reference statistics (mu, sigma), '
                    'e.g. EDM\'s cifar10-32x32.npz or the output of --mode=fid_stats')
@@ -392,28 +403,27 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
     io.check_run_config(workdir, run_config(config))
   except ValueError as e:
     raise RunError(str(e)) from None
-  available = sum(len(io.read_shard(io.shard_path(workdir, k))[0]) for k in shards)
-  num = config.sample.num_samples
-  if available < num:
-    raise RunError(f'--workdir={workdir} holds {available} samples, fewer than '
-                   f'config.sample.num_samples={num}; run --mode=sample to complete it')
-  if main:
-    _check_workdir(workdir)
+  num, sizes = config.sample.num_samples, _shard_sizes(config)
+  missing = [k for k, size in enumerate(sizes)
+             if k not in shards or len(io.read_shard(io.shard_path(workdir, k))[0]) < size]
+  if missing:
+    raise RunError(f'--workdir={workdir} lacks {len(missing)} of the {len(sizes)} shards of '
+                   f'config.sample.num_samples={num} (first: samples_{missing[0]}.npz); '
+                   'run --mode=sample to complete it')
+  _check_workdir(workdir)
   net = _load_inception(config)
   try:
     mu_ref, sigma_ref = fid.load_stats(config.fid.ref_stats, dim=net.feature_dim)
   except (FileNotFoundError, ValueError) as e:
     raise RunError(f'config.fid.ref_stats: {e}') from None
-  images = fid.iter_npz_images([io.shard_path(workdir, k) for k in shards])
-  mu, sigma, logits = fid.compute_statistics(net, images, num=num, with_logits=True,
-                                             progress=main)
+  images = fid.iter_npz_images([io.shard_path(workdir, k) for k in range(len(sizes))])
+  mu, sigma, logits = fid.compute_statistics(net, images, num=num, with_logits=True)
   score = fid.frechet_distance(mu, sigma, mu_ref, sigma_ref)
   is_mean, is_std = fid.inception_score(logits, num_splits=min(_IS_SPLITS, num))
-  if main:
-    fid.save_stats(os.path.join(workdir, SAMPLE_STATS_NAME), mu, sigma)
-    result = {'fid': float(score), 'inception_score': is_mean, 'inception_score_std': is_std,
-              'num_samples': num, 'ref_stats': config.fid.ref_stats}
-    text = json.dumps(result, indent=2)
-    io.atomic_write(os.path.join(workdir, EVAL_NAME), lambda f: f.write(text.encode()))
-    logging.info('FID %.4f, Inception Score %.3f +- %.3f (%d samples against %s)',
-                 score, is_mean, is_std, num, config.fid.ref_stats)
+  fid.save_stats(os.path.join(workdir, SAMPLE_STATS_NAME), mu, sigma)
+  result = {'fid': float(score), 'inception_score': is_mean, 'inception_score_std': is_std,
+            'num_samples': num, 'ref_stats': config.fid.ref_stats}
+  text = json.dumps(result, indent=2)
+  io.atomic_write(os.path.join(workdir, EVAL_NAME), lambda f: f.write(text.encode()))
+  logging.info('FID %.4f, Inception Score %.3f +- %.3f (%d samples against %s)',
+               score, is_mean, is_std, num, config.fid.ref_stats)

@@ -310,8 +310,8 @@ def test_eval_refuses_incomplete_workdir(reference_run, tiny_inception):
   config = _config(num_samples=128, batch_size=2)
   config.fid.inception = tiny_inception
   config.fid.ref_stats = 'unused.npz'
-  with pytest.raises(run_lib.RunError, match='holds 64 samples, fewer than '
-                     'config.sample.num_samples=128'):
+  with pytest.raises(run_lib.RunError, match=r'lacks 32 of the 64 shards of '
+                     r'config.sample.num_samples=128 \(first: samples_32.npz\)'):
     run_lib.evaluate(config, str(reference_run))
 
 
