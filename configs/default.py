@@ -101,6 +101,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.denoiser = ''         # converted EDM network dir (python -m checkpoints_convert.edm)
   config.model.discriminator = ''    # converted DG discriminator dir (dg, diffrs, isir only)
   config.model.conditional = False   # class-conditional sampling; must match both networks
+  config.model.dtype = 'float32'     # network compute: 'float32' or 'bfloat16' (TPU/GPU speed)
 
   config.sampler = sampler_config('edm')
 

@@ -13,6 +13,7 @@ import time
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -26,6 +27,10 @@ _DRIVER_SAMPLER_KEYS = ('name', 'rej_percentile', 'warmup_samples', 'thresholds'
 DIFFRS_THRESHOLDS_NAME = 'diffrs_thresholds.npz'   # warm-up result, reused on resume
 # Per-sample sampler statistics reported in the shard log line, with their labels.
 _LOGGED_STATS = (('nfe', 'NFE/sample'), ('ess', 'ESS'), ('accept_rate', 'accept'))
+
+
+# config.model.dtype -> compute dtype of the networks (their weights stay float32).
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 class RunError(Exception):
@@ -79,10 +84,15 @@ def load_models(config: ml_collections.ConfigDict) -> tuple[Any, Optional[Any]]:
       _check_model_dir('discriminator', config.model.discriminator)
     from isir_jax import denoiser as denoiser_lib  # pylint: disable=g-import-not-at-top
     from isir_jax import discriminator as disc_lib  # pylint: disable=g-import-not-at-top
-    denoiser = _load('denoiser', denoiser_lib.load_denoiser, config.model.denoiser)
+    if config.model.dtype not in _DTYPES:
+      raise RunError(f'config.model.dtype must be one of {sorted(_DTYPES)}, '
+                     f'got {config.model.dtype!r}')
+    dtype = _DTYPES[config.model.dtype]
+    denoiser = _load('denoiser', lambda d: denoiser_lib.load_denoiser(d, dtype),
+                     config.model.denoiser)
     discriminator = None
     if needs_disc:
-      discriminator = _load('discriminator', disc_lib.load_discriminator,
+      discriminator = _load('discriminator', lambda d: disc_lib.load_discriminator(d, dtype),
                             config.model.discriminator)
   else:
     raise RunError(f"config.model.kind={config.model.kind!r}: expected 'checkpoint' or 'testbed'")

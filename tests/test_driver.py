@@ -419,3 +419,15 @@ def test_wrong_model_family(dg_cond_dir, tmp_path):
   with pytest.raises(run_lib.RunError, match=re.escape(
       f"config.model.denoiser={dg_cond_dir}: ") + ".*family is 'dg_discriminator', expected 'edm'"):
     run_lib.sample(config, str(tmp_path))
+
+
+def test_model_dtype(edm_dirs, tmp_path):
+  config = cifar10_config.get_config('edm,tiny')
+  config.model.denoiser = edm_dirs['ddpmpp_vp']
+  config.model.dtype = 'bfloat16'
+  denoiser, _ = run_lib.load_models(config)
+  assert denoiser.module.model.dtype == jnp.bfloat16
+  config.model.dtype = 'float16'
+  with pytest.raises(run_lib.RunError, match=r"config.model.dtype must be one of \['bfloat16', "
+                     r"'float32'\], got 'float16'"):
+    run_lib.sample(config, str(tmp_path))
