@@ -1,8 +1,10 @@
-"""main.py end to end on the exact testbed: device-count invariance, resume, bad input.
+"""The driver end to end: device/batch invariance, SIGKILL resume, FID plumbing, bad input.
 
-Each case runs ``python main.py`` in a subprocess, as a user would, on the tiny testbed
-config (CPU, seconds). Several host devices are simulated with
-``XLA_FLAGS=--xla_force_host_platform_device_count``.
+Runs go through ``python main.py`` in subprocesses, as a user would, on the tiny exact
+testbed config (several host devices simulated with
+``XLA_FLAGS=--xla_force_host_platform_device_count``; one persistent XLA cache shared by
+the subprocesses). Input checks that need no subprocess call ``run_lib`` directly.
+Converted models come from the repository's random-weight EDM and DG fixtures.
 """
 
 import glob
