@@ -19,6 +19,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
+from isir_jax import checkpoints
 from isir_jax import io
 from isir_jax import parallel
 
@@ -46,10 +47,11 @@ def _check_model_dir(key: str, directory: str) -> None:
     raise RunError(f'config.model.{key} is empty; set it to a converted model directory')
   if not os.path.isdir(directory):
     raise RunError(f'config.model.{key}={directory}: no such directory')
-  if not os.path.isfile(os.path.join(directory, 'config.json')):
+  if not os.path.isfile(os.path.join(directory, checkpoints.CONFIG_NAME)):
     raise RunError(
-        f'config.model.{key}={directory}: not a converted model directory (no config.json); '
-        'convert the checkpoint first with python -m checkpoints_convert.<family>')
+        f'config.model.{key}={directory}: not a converted model directory '
+        f'(no {checkpoints.CONFIG_NAME}); convert the checkpoint first with '
+        'python -m checkpoints_convert.<family>')
 
 
 def _load(key: str, loader: Callable, directory: str):
@@ -68,10 +70,14 @@ def load_models(config: ml_collections.ConfigDict) -> tuple[Any, Optional[Any]]:
   """Returns ``(denoiser, discriminator or None)`` for ``config.model``.
 
   Raises:
-    RunError: on a missing or unconverted model directory, or when the networks'
-      conditioning does not match ``config.model.conditional``.
+    RunError: on a missing, unconverted or wrong-family model directory, a bad
+      ``config.model.dtype``, or when the networks' conditioning does not match
+      ``config.model.conditional``.
   """
   needs_disc = _uses_discriminator(config)
+  if config.model.dtype not in _DTYPES:
+    raise RunError(f'config.model.dtype must be one of {sorted(_DTYPES)}, '
+                   f'got {config.model.dtype!r}')
   if config.model.kind == 'testbed':
     # The exact 8x8x1 Gaussian-mixture testbed: the wrong mixture's denoiser is the
     # "pretrained model", the exact log density ratio is the discriminator.
@@ -84,9 +90,6 @@ def load_models(config: ml_collections.ConfigDict) -> tuple[Any, Optional[Any]]:
       _check_model_dir('discriminator', config.model.discriminator)
     from isir_jax import denoiser as denoiser_lib  # pylint: disable=g-import-not-at-top
     from isir_jax import discriminator as disc_lib  # pylint: disable=g-import-not-at-top
-    if config.model.dtype not in _DTYPES:
-      raise RunError(f'config.model.dtype must be one of {sorted(_DTYPES)}, '
-                     f'got {config.model.dtype!r}')
     dtype = _DTYPES[config.model.dtype]
     denoiser = _load('denoiser', lambda d: denoiser_lib.load_denoiser(d, dtype),
                      config.model.denoiser)
