@@ -226,15 +226,6 @@ def test_bad_batch_size(tmp_path):
     run_lib.sample(_config(batch_size=0), str(tmp_path))
 
 
-def test_refuses_resume_with_other_config(tmp_path):
-  run_lib.sample(_config(num_samples=2, batch_size=2), str(tmp_path))
-  config = _config(num_samples=2, batch_size=2)
-  config.sampler.S_churn = 1.0
-  with pytest.raises(run_lib.RunError, match=r'written by a different sampling config '
-                     r'\(differs at: sampler.S_churn\)'):
-    run_lib.sample(config, str(tmp_path))
-
-
 def test_non_finite_samples_are_not_saved(tmp_path):
   # A huge churn noise overflows float32 in the denoiser.
   config = _config()
@@ -317,7 +308,7 @@ def test_eval_refuses_incomplete_workdir(reference_run, tiny_inception):
     run_lib.evaluate(config, str(reference_run))
 
 
-def test_rerun_with_more_samples_extends_the_set(tmp_path):
+def test_rerun_extends_the_set_and_refuses_other_configs(tmp_path):
   run_lib.sample(_config(num_samples=6, batch_size=4), str(tmp_path))
   assert io.complete_shards(str(tmp_path)) == [0, 1]
   first = load_run(tmp_path)
@@ -326,6 +317,11 @@ def test_rerun_with_more_samples_extends_the_set(tmp_path):
   extended = load_run(tmp_path)
   assert len(extended) == 8
   np.testing.assert_array_equal(extended[:6], first)  # the short last shard was redone
+  config = _config(num_samples=8, batch_size=4)
+  config.sampler.S_churn = 1.0
+  with pytest.raises(run_lib.RunError, match=r'written by a different sampling config '
+                     r'\(differs at: sampler.S_churn\)'):
+    run_lib.sample(config, str(tmp_path))
 
 
 def test_diffrs_thresholds_estimated_once(tmp_path):
