@@ -69,7 +69,7 @@ def train_config() -> ml_collections.ConfigDict:
       head=_encoder(image_size=4, in_channels=64, model_channels=32, out_channels=1,
                     channel_mult=(1,), attention_resolutions=(1,), num_classes=10),
       importance=True,
-      num_steps=3000, batch_size=128, lr=3e-4, weight_decay=1e-7,
+      num_steps=2000, batch_size=64, lr=3e-4, weight_decay=1e-7,
       ckpt_every=1000, log_every=100))
   return t
 
@@ -111,6 +111,7 @@ def get_config(arg: str | None = None):
   config.demo = ml_collections.ConfigDict()
   config.demo.methods = ('edm', 'dg', 'diffrs', 'isir_stochastic')
   config.demo.num_samples = 64
+  config.demo.xla_cache = 'workdir/xla_cache'   # persistent compilation cache ('' disables)
   config.demo.feature_net = os.path.join(ASSETS, 'feature_net')
   config.demo.ref_stats = os.path.join(ASSETS, 'feature_stats.npz')
   config.demo.diffrs_thresholds = os.path.join(ASSETS, 'diffrs_thresholds.npz')
