@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -122,6 +123,37 @@ def test_isir_independent_of_batch_padding(tmp_path):
     # N = K = 2, 4 steps: 3 Heun steps of 2 (N + (K-1)(N-1)) NFE and a last Euler step of 3.
     assert 'ESS' in result.stderr and 'NFE/sample 21' in result.stderr
   np.testing.assert_array_equal(load_run(tmp_path / '3'), load_run(tmp_path / '4'))
+
+
+# A process of a multi-host job, as TPU pods or SLURM would start it (explicit coordinator).
+_WORKER = """
+import sys
+import jax
+sys.path.insert(0, {root!r})
+jax.distributed.initialize({address!r}, num_processes=2, process_id=int(sys.argv[1]))
+from configs import testbed
+from isir_jax import run_lib
+config = testbed.get_config({arg!r})
+config.sampler.S_churn = {churn}
+config.sample.num_samples, config.sample.batch_size = 64, 3
+run_lib.sample(config, {workdir!r})
+"""
+
+
+def test_two_processes_equal_one(reference_run, tmp_path):
+  """Two processes x 2 devices (batch 3 padded to 4 global rows) against one process."""
+  with socket.socket() as sock:
+    sock.bind(('localhost', 0))
+    port = sock.getsockname()[1]
+  code = _WORKER.format(root=ROOT, address=f'localhost:{port}', arg=CONFIG_ARG, churn=CHURN,
+                        workdir=str(tmp_path))
+  procs = [subprocess.Popen([sys.executable, '-c', code, str(i)], cwd=ROOT, env=_env(2),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  for proc in procs:
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+  np.testing.assert_array_equal(load_run(tmp_path), load_run(reference_run))
 
 
 def test_resume_after_sigkill(reference_run, tmp_path):
