@@ -5,9 +5,11 @@ configs do: ``--config=configs/cifar10.py:isir``, ``configs/cifar10.py:dg,cond``
 ``configs/testbed.py:isir,tiny``. Any field can then be overridden from the command
 line, e.g. ``--config.sampler.num_steps=8``.
 
-Sampler settings are passed unchanged to ``isir_jax.samplers.get_sampler(name)``;
-their defaults are the reference implementations' (EDM ``generate.py``, DG
-``generate.py``, DiffRS ``generate_diffrs.py``, the seed's ``isir_code.py``).
+``config.sampler`` holds the keyword settings of ``isir_jax.samplers.get_sampler(name)``
+(except ``name`` and DiffRS's ``rej_percentile``, ``warmup_samples`` and ``thresholds``,
+which the driver turns into thresholds); their defaults are the reference
+implementations' (EDM ``generate.py``, DG ``generate.py``, DiffRS ``generate_diffrs.py``,
+the seed's ``isir_code.py``).
 """
 
 import ml_collections
