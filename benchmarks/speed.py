@@ -51,6 +51,9 @@ flags.DEFINE_list('batch_sizes', ['1', '8', '64'], 'Batch sizes of the denoiser 
 flags.DEFINE_list('disc_batch_sizes', ['1', '8'], 'Batch sizes of the discriminator timings.')
 flags.DEFINE_list('samplers', ['edm', 'dg', 'diffrs', 'isir'], 'Samplers to time.')
 flags.DEFINE_list('sampler_batch_sizes', ['1'], 'Batch sizes of the sampler timings.')
+flags.DEFINE_list('reference_samplers', ['edm', 'dg', 'isir'],
+                  'Samplers also timed in the reference (edm needs --reference_checkout, dg and '
+                  'isir also --seed_checkout).')
 flags.DEFINE_list('dtypes', ['float32'], 'Network compute dtypes of the sampler timings '
                   '(float32, bfloat16); the reference runs float32 only.')
 flags.DEFINE_integer('sampler_steps', 18, 'Steps of EDM, DG and DiffRS (18 = 35 NFE).')
@@ -452,8 +455,9 @@ def section_samplers(report: Report, models: Models, ref: Optional[Reference]):
       f'= {2 * (n + (k - 1) * (n - 1))} NFE per Heun step. References: EDM `generate.'
       'edm_sampler`, the seed\'s `generate.edm_sampler` (DG) and `isir_code.isir_sampler` '
       '(same K, N, S_churn and steps; it also makes N + (K-1) N + 1 discriminator calls per '
-      'step where this port makes N + (K-1)(N-1), reusing the pick\'s weight). DiffRS is not '
-      'timed against its reference. Reps: JAX[/torch].', '')
+      'step where this port makes N + (K-1)(N-1), reusing the pick\'s weight), for the '
+      f'samplers in --reference_samplers ({",".join(FLAGS.reference_samplers)}); DiffRS has '
+      'no reference timing here. Reps: JAX[/torch].', '')
   row = report.table(['sampler', 'dtype', 'batch', 'steps', 'NFE/img', 'JAX img/s', 'JAX s/img',
                       'torch s/img', 'speed-up', 'JAX ms/NFE', 'XLA temp MB', 'compile s',
                       'reps'])
@@ -475,7 +479,7 @@ def section_samplers(report: Report, models: Models, ref: Optional[Reference]):
           return out['last']
         runs = {'jax': lambda call=call: timed(call)}
         if (ref and dtype_name == 'float32' and not FLAGS.tiny
-            and (name == 'edm' or (ref.has_seed and name in ('dg', 'isir')))):
+            and name in FLAGS.reference_samplers and (name == 'edm' or ref.has_seed)):
           req = reference_request(name, models, b, s)
           if 'latents' in req:
             req['latents'] = ref.array('latents', req['latents'])
