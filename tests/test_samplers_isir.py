@@ -1,6 +1,7 @@
 """ISIR on the exact testbed: convergence to the true mixture, and the seed's defects pinned."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +20,18 @@ def sample_keys(seed: int, n: int):
   return jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(n))
 
 
-def isir_fn(denoiser=TB.model_denoiser, **settings):
-  return jax.jit(samplers.get_sampler('isir')(denoiser, TB.discriminator, shape=TB.shape,
-                                              **settings))
+# One small configuration shared by several tests, so that they share compiled programs.
+SMALL = dict(num_steps=6, S_churn=40.0, num_candidates=5, num_iterations=3)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(settings: tuple):
+  return jax.jit(samplers.get_sampler('isir')(TB.model_denoiser, TB.discriminator,
+                                              shape=TB.shape, **dict(settings)))
+
+
+def isir_fn(**settings):
+  return _jitted(tuple(sorted(settings.items())))
 
 
 def test_isir_n16_k4_recovers_true_weights():
@@ -57,9 +67,8 @@ def test_isir_with_one_candidate_is_stochastic_edm_bit_for_bit():
 
 def test_chunked_equals_unchunked():
   keys = sample_keys(4, 64)
-  settings = dict(num_steps=6, S_churn=40.0, num_candidates=5, num_iterations=3)
-  full, s_full = isir_fn(**settings)(keys)
-  chunked, s_chunk = isir_fn(candidate_chunk=2, **settings)(keys)
+  full, s_full = isir_fn(**SMALL)(keys)
+  chunked, s_chunk = isir_fn(candidate_chunk=2, **SMALL)(keys)
   np.testing.assert_allclose(chunked, full, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(s_chunk['ess'], s_full['ess'], rtol=1e-5)
 
@@ -103,17 +112,22 @@ def test_candidates_are_distinct_and_start_from_the_same_state():
   keys = sample_keys(5, 2)
   x = jax.random.normal(jax.random.key(6), (2,) + TB.shape) * t[3]
   ids = jnp.arange(8)
-  cands = edm.propose(TB.model_denoiser, x, keys, ids, 3, t, None, step, True)
+  cands = jax.jit(lambda x: edm.propose(TB.model_denoiser, x, keys, ids, 3, t, None, step,
+                                        True))(x)
   flat = np.asarray(cands).reshape(2, 8, -1)
   dist = np.linalg.norm(flat[:, :, None] - flat[:, None], axis=-1) + np.eye(8)
   assert dist.min() > 1e-3
-  for j in range(8):
-    # Each candidate is one churned Heun step from (x_3, t_3) with its own noise.
+
+  @jax.jit
+  def alone(j):
+    # One churned Heun step from (x_3, t_3) with candidate j's own noise.
     eps = schedule.candidates_normal(jax.vmap(lambda k: schedule.step_key(k, 3))(keys),
-                                     ids[j:j + 1], TB.shape)[:, 0]
-    alone, _ = edm.edm_step(TB.model_denoiser, x, jnp.full([2], t[3]), jnp.full([2], t[4]),
-                            eps, gamma=step.gamma(jnp.full([2], t[3])))
-    np.testing.assert_allclose(cands[:, j], alone, rtol=1e-6, atol=1e-6)
+                                     j[None], TB.shape)[:, 0]
+    return edm.edm_step(TB.model_denoiser, x, jnp.full([2], t[3]), jnp.full([2], t[4]), eps,
+                        gamma=step.gamma(jnp.full([2], t[3])))[0]
+
+  for j in range(8):
+    np.testing.assert_allclose(cands[:, j], alone(jnp.asarray(j)), rtol=1e-6, atol=1e-6)
 
 
 def test_deterministic_proposal_is_refused():
@@ -169,8 +183,10 @@ def test_adaptive_schedule_and_per_step_schedules():
 
 
 def test_sample_depends_only_on_its_key():
-  fn = isir_fn(num_steps=6, S_churn=40.0, num_candidates=4, num_iterations=2)
-  keys = sample_keys(10, 8)
-  batch, _ = fn(keys)
-  alone, _ = fn(keys[2:3])
-  np.testing.assert_allclose(alone[0], batch[2], rtol=1e-5, atol=1e-5)
+  """Sample 5 is the same whatever the other samples of its batch are."""
+  keys = sample_keys(4, 64)
+  others = sample_keys(11, 64).at[5].set(keys[5])
+  batch, _ = isir_fn(**SMALL)(keys)
+  again, _ = isir_fn(**SMALL)(others)
+  np.testing.assert_allclose(again[5], batch[5], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(again[4], batch[4])
