@@ -38,7 +38,7 @@ from isir_jax.train import feature_net as feature_net_lib
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 512, 'Samples per method and seed.')
 _SEEDS = flags.DEFINE_integer('seeds', 3, 'Seeds per method (0 .. seeds-1).')
 _BATCH = flags.DEFINE_integer('batch_size', 256, 'Samples per sampler call.')
-_SWEEP = flags.DEFINE_list('sweep', ['2x1', '4x1', '8x1', '2x2', '4x2'],
+_SWEEP = flags.DEFINE_list('sweep', ['2x1', '4x1', '4x2', '8x1'],
                            'ISIR settings NxK (candidates x iterations).')
 _CHURN = flags.DEFINE_float('churn', 5.0, 'S_churn of the stochastic proposals.')
 _OUT = flags.DEFINE_string('out', os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -173,31 +173,34 @@ def main(argv):
   label_dim = int(getattr(denoiser, 'label_dim', 0) or 0)
   todo = methods(config, _SWEEP.value, _CHURN.value)
   floor = data_floor(config, net, _NUM_SAMPLES.value, _SEEDS.value)
-  for label, settings in todo.items():
-    seeds = [s for s in range(_SEEDS.value) if f'{label}|{s}' not in runs]
-    if not seeds:
-      continue
-    batch = min(_BATCH.value, _NUM_SAMPLES.value)
-    compiled, compile_s = demo.compile_sampler(settings, denoiser, discriminator, batch)
-    for seed in seeds:
-      images, stats, seconds = demo.draw(compiled, label_dim, seed, _NUM_SAMPLES.value, batch)
+  batch = min(_BATCH.value, _NUM_SAMPLES.value)
+  compiled = {}
+  # Seed-major, so that an interrupted run still has every method at the first seeds.
+  for seed in range(_SEEDS.value):
+    for label, settings in todo.items():
+      if f'{label}|{seed}' in runs:
+        continue
+      if label not in compiled:
+        compiled[label] = demo.compile_sampler(settings, denoiser, discriminator, batch)
+      fn, compile_s = compiled[label]
+      images, stats, seconds = demo.draw(fn, label_dim, seed, _NUM_SAMPLES.value, batch)
       extra = []
       if 'ess' in stats:
         extra.append(f'ESS {float(np.mean(stats["ess"])):.2f}')
       if 'accept_rate' in stats:
         extra.append(f'accept {float(np.mean(stats["accept_rate"])):.2f}')
-      runs[f'{label}|{seed}'] = dict(
-          method=label, seed=seed, fd=feature_net_lib.fd_digits(net, images, config.demo.ref_stats),
-          nfe=float(stats['nfe'].mean()), seconds=seconds, compile_s=compile_s,
-          extra=', '.join(extra))
-      print(f'{label} seed {seed}: FD {runs[f"{label}|{seed}"]["fd"]:.3f}, '
-            f'NFE {runs[f"{label}|{seed}"]["nfe"]:.1f}, {seconds:.1f} s', flush=True)
+      run = dict(method=label, seed=seed, nfe=float(stats['nfe'].mean()), seconds=seconds,
+                 fd=feature_net_lib.fd_digits(net, images, config.demo.ref_stats),
+                 compile_s=compile_s, extra=', '.join(extra))
+      runs[f'{label}|{seed}'] = run
+      print(f'{label} seed {seed}: FD {run["fd"]:.3f}, NFE {run["nfe"]:.1f}, {seconds:.1f} s',
+            flush=True)
       with open(json_path + '.tmp', 'w') as f:
         json.dump({'args': args, 'runs': runs}, f, indent=1)
       os.replace(json_path + '.tmp', json_path)
-  rows = summarise(runs, list(todo))
-  write_markdown(os.path.join(_OUT.value, 'quality.md'), rows, floor, args)
-  plot(os.path.join(_OUT.value, 'quality.png'), rows, floor)
+    rows = summarise(runs, list(todo))
+    write_markdown(os.path.join(_OUT.value, 'quality.md'), rows, floor, args)
+    plot(os.path.join(_OUT.value, 'quality.png'), rows, floor)
   print(open(os.path.join(_OUT.value, 'quality.md')).read())
 
 

@@ -124,6 +124,7 @@ def get_config(arg: str | None = None):
     default.apply_tiny(config)
     apply_tiny_training(config.train)
     config.demo.num_samples = 8       # the samplers keep 18 steps (the DiffRS thresholds' length)
+    config.demo.methods = ('edm', 'isir_stochastic')
     config.demo.warmup_samples = 8
   return config
 
@@ -134,8 +135,8 @@ def apply_tiny_training(t: ml_collections.ConfigDict) -> None:
     t[name].num_steps = 30
     t[name].batch_size = 16
     t[name].log_every = 10
-  t.feature_net.channels = (8, 8, 8)
-  t.feature_net.feature_dim = 8
+  t.feature_net.update(dict(channels=(8, 8, 8), feature_dim=8, lr=1e-2, num_steps=100,
+                            log_every=20))
   t.denoiser.update(dict(model_channels=8, channel_mult=(1,), attn_resolutions=(),
                          warmup_steps=0, ema_decay=0.5, lr=1e-2))
   t.classifier.arch.update(dict(channel_mult=(1,), attention_resolutions=()))

@@ -137,7 +137,7 @@ def format_table(rows: list[Result], data_fd: float, num_samples: int) -> str:
   lines = [f'{"method":<18} {"FD-digits":>9} {"NFE/sample":>10} {"compile s":>9} '
            f'{"sample s":>8}  extra',
            f'{"data (real)":<18} {data_fd:>9.2f} {0:>10} {"-":>9} {"-":>8}  '
-           f'{num_samples} held-out real digits: the noise floor of FD-digits']
+           f'{num_samples} random real digits: the floor (and noise) of FD-digits at this count']
   for r in rows:
     extra = []
     if 'ess' in r.stats:
