@@ -18,8 +18,10 @@ $(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 demo: install
 	$(PY) main.py
 
+# Two workers (one per core of the CI machine); a test file stays on one worker so its
+# module fixtures (converted models, compiled programs) are built once.
 test: install
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n 2 --dist loadfile tests
 
 # FID cross-checks against TensorFlow / tensorflow-gan, in their own venv (TF <= 2.15, numpy < 2).
 $(TF_VENV)/.installed: requirements-tf.txt
