@@ -1,8 +1,9 @@
 """The bundled handwritten-digits demo: 8x8 digits, small trained networks, four methods.
 
-``--config=configs/digits.py[:METHOD][,tiny]``: METHOD (edm | dg | diffrs | isir |
+``--config=configs/digits.py[:METHOD][,all][,tiny]``: METHOD (edm | dg | diffrs | isir |
 isir_stochastic, default isir_stochastic) sets ``config.sampler`` for ``--mode=sample``;
-``--mode=demo`` samples with every method of ``config.demo.methods`` and prints a
+``--mode=demo`` samples with every method of ``config.demo.methods`` (EDM and ISIR,
+which fit the 2-minute budget of ``make demo``; ``all`` adds DG and DiffRS) and prints a
 table. The models are the committed assets under ``isir_jax/assets/digits/``,
 reproduced by the ``--mode=train_*`` commands of the README (in that order):
 
@@ -96,7 +97,8 @@ def demo_samplers() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None):
-  method, flags = default.parse_arg(arg, 'configs/digits.py', ('tiny',), 'isir_stochastic')
+  method, flags = default.parse_arg(arg, 'configs/digits.py', ('all', 'tiny'),
+                                    'isir_stochastic')
   config = default.get_config()
   config.name = f'digits-{method}'
   config.model.denoiser = os.path.join(ASSETS, 'denoiser')
@@ -109,7 +111,8 @@ def get_config(arg: str | None = None):
   config.data.path = os.path.join(ASSETS, 'digits.npz')   # real digits, [-1, 1] NHWC on load
 
   config.demo = ml_collections.ConfigDict()
-  config.demo.methods = ('edm', 'dg', 'diffrs', 'isir_stochastic')
+  config.demo.methods = (('edm', 'dg', 'diffrs', 'isir_stochastic') if 'all' in flags
+                         else ('edm', 'isir_stochastic'))
   config.demo.num_samples = 64
   config.demo.xla_cache = 'workdir/xla_cache'   # persistent compilation cache ('' disables)
   config.demo.feature_net = os.path.join(ASSETS, 'feature_net')
@@ -124,7 +127,6 @@ def get_config(arg: str | None = None):
     default.apply_tiny(config)
     apply_tiny_training(config.train)
     config.demo.num_samples = 8       # the samplers keep 18 steps (the DiffRS thresholds' length)
-    config.demo.methods = ('edm', 'isir_stochastic')
     config.demo.warmup_samples = 8
   return config
 

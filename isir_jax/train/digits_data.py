@@ -54,15 +54,14 @@ def build(path: str = DATA_PATH) -> None:
                       labels=d.target.astype(np.uint8))
 
 
-_OUT = flags.DEFINE_string('out', DATA_PATH, 'Where to write the digits npz.')
-
-
 def main(_):
-  build(_OUT.value)
-  images, labels = load_digits(_OUT.value)
-  print(f'wrote {_OUT.value}: images {images.shape} in [{images.min()}, {images.max()}], '
+  out = flags.FLAGS.out
+  build(out)
+  images, labels = load_digits(out)
+  print(f'wrote {out}: images {images.shape} in [{images.min()}, {images.max()}], '
         f'labels {np.bincount(labels).tolist()}')
 
 
 if __name__ == '__main__':
+  flags.DEFINE_string('out', DATA_PATH, 'Where to write the digits npz.')
   app.run(main)
