@@ -97,11 +97,12 @@ def test_one_model_call_per_iteration_at_trace_time(chunk):
   fn = samplers.get_sampler('isir')(den, disc, shape=TB.shape, num_steps=6, S_churn=40.0,
                                     num_candidates=n, num_iterations=3, candidate_chunk=chunk)
   jax.make_jaxpr(fn)(sample_keys(0, b))
-  # Traced once each: the initial stage, the scanned Heun step and the last (Euler) step;
-  # in each, iteration 1 evaluates B*N candidates and the later iterations B*(N-1) fresh ones.
+  # Traced once each: the initial stage and the scanned step (the last, Euler, step is the
+  # same step with its Heun stage skipped by a cond); in each, iteration 1 evaluates B*N
+  # candidates and the later iterations B*(N-1) fresh ones.
   first, later = (b * n, b * (n - 1)) if chunk is None else (b * chunk, b * chunk)
-  assert disc.rows == [first, later] * 3
-  assert den.rows == [first, first, later, later, first, later]
+  assert disc.rows == [first, later] * 2
+  assert den.rows == [first, first, later, later]
 
 
 def test_candidates_are_distinct_and_start_from_the_same_state():

@@ -97,8 +97,10 @@ def edm_step(denoiser, x: Array, t_cur: Array, t_next: Array, eps: Optional[Arra
     class_labels: [R, label_dim] or None.
     gamma: per-row churn factor [R] (`StepSettings.gamma`).
     S_noise: churn noise inflation, scalar or [R].
-    heun: static bool, or a per-row bool [R] (rows with ``t_next = 0`` must be False:
-      their correction is computed at a dummy level and discarded).
+    heun: static bool; a traced scalar bool (the correction sits under a ``lax.cond``, so
+      the denoiser appears once per solver stage in the program); or a per-row bool [R]
+      (rows with ``t_next = 0`` must be False: their correction is computed at a dummy
+      level and discarded).
     guide1: DG term at ``(x_hat, t_hat)``, added to the Euler direction (EDM-G++).
     guide2: DG term at ``(x_next, t_next)``, added to the Heun direction.
 
@@ -120,26 +122,35 @@ def edm_step(denoiser, x: Array, t_cur: Array, t_next: Array, eps: Optional[Arra
   x_next = x_hat + per_row(t_next - t_hat, x) * d
   if heun is False:
     return x_next, aux
-  # Heun correction (lines 9-11); rows without it get a safe dummy level.
-  t2 = t_next if heun is True else jnp.where(heun, t_next, 1.0)
-  d2 = (x_next - denoiser(x_next, t2, class_labels)) / per_row(t2, x)
-  if guide2 is not None:
-    d2 = d2 + guide2(x_next, t2)[0]
-  x_heun = x_hat + per_row(t_next - t_hat, x) * (0.5 * d + 0.5 * d2)
+
+  def correct(t2):
+    # Heun correction (lines 9-11).
+    d2 = (x_next - denoiser(x_next, t2, class_labels)) / per_row(t2, x)
+    if guide2 is not None:
+      d2 = d2 + guide2(x_next, t2)[0]
+    return x_hat + per_row(t_next - t_hat, x) * (0.5 * d + 0.5 * d2)
+
   if heun is True:
-    return x_heun, aux
-  return jnp.where(per_row(heun, x), x_heun, x_next), aux
+    return correct(t_next), aux
+  heun = jnp.asarray(heun)
+  if heun.ndim == 0:
+    # One flag for all rows (the step index of a scan): evaluate only the branch taken.
+    return lax.cond(heun, correct, lambda _: x_next, t_next), aux
+  # Rows without the correction get a safe dummy level; their result is discarded.
+  return jnp.where(per_row(heun, x), correct(jnp.where(heun, t_next, 1.0)), x_next), aux
 
 
 def run_steps(body: Callable, carry, step: StepSettings):
   """Runs ``body(carry, i, heun) -> carry`` for i = 0..n-1 as one ``lax.scan``.
 
   Steps 0..n-2 use the configured solver, the last step (to ``t_n = 0``) is Euler, so no
-  evaluation is wasted at sigma = 0.
+  evaluation is wasted at sigma = 0. With Heun, ``heun`` is the traced flag ``i < n - 1``
+  (see `edm_step`), so every step, the last included, is traced and compiled once.
   """
-  carry, _ = lax.scan(lambda c, i: (body(c, i, step.heun), None), carry,
-                      jnp.arange(step.num_steps - 1))
-  return body(carry, step.num_steps - 1, False)
+  last = step.num_steps - 1
+  carry, _ = lax.scan(lambda c, i: (body(c, i, step.heun and i < last), None), carry,
+                      jnp.arange(step.num_steps))
+  return carry
 
 
 def full_rows(v: Array, rows: int) -> Array:
