@@ -82,7 +82,12 @@ def summarise(runs: dict, order: list[str]) -> list[dict]:
     if not rs:
       continue
     fd = np.array([r['fd'] for r in rs])
+    # Paired with EDM on the same seed (same keys): removes most of the sample noise.
+    diff = np.array([r['fd'] - runs[f'edm|{r["seed"]}']['fd'] for r in rs
+                     if f'edm|{r["seed"]}' in runs])
     rows.append(dict(method=label, fd_mean=float(fd.mean()),
+                     diff_mean=float(diff.mean()) if len(diff) else float('nan'),
+                     diff_std=float(diff.std(ddof=1)) if len(diff) > 1 else float('nan'),
                      fd_std=float(fd.std(ddof=1)) if len(fd) > 1 else float('nan'),
                      nfe=float(np.mean([r['nfe'] for r in rs])),
                      seconds=float(np.mean([r['seconds'] for r in rs])),
@@ -99,17 +104,23 @@ def write_markdown(path: str, rows: list[dict], floor: list[float], args: dict) 
            'for every method), 18 Heun steps, the committed demo models; FD-digits against '
            'all 1,797 real digits. Seconds: sampling wall time per run on this machine '
            f'({args["machine"]}), compilation excluded and listed apart.', '',
-           '| method | FD-digits (mean ± std) | NFE/sample | seconds/run | compile s | notes |',
-           '|---|---|---|---|---|---|']
+           '| method | FD-digits (mean ± std) | FD - FD(edm), same seed | seeds | NFE/sample | '
+           'seconds/run | compile s | notes |',
+           '|---|---|---|---|---|---|---|---|']
   if floor:
     lines.append(f'| data (real digits) | {np.mean(floor):.2f} ± '
-                 f'{np.std(floor, ddof=1) if len(floor) > 1 else float("nan"):.2f} | 0 | - | - | '
+                 f'{np.std(floor, ddof=1) if len(floor) > 1 else float("nan"):.2f} | - | {len(floor)} | '
+                 '0 | - | - | '
                  f'{len(floor)} disjoint real subsets: the floor |')
   for r in rows:
-    lines.append(f'| {r["method"]} | {r["fd_mean"]:.2f} ± {r["fd_std"]:.2f} | {r["nfe"]:.1f} | '
+    lines.append(f'| {r["method"]} | {r["fd_mean"]:.2f} ± {r["fd_std"]:.2f} | '
+                 f'{r["diff_mean"]:+.2f} ± {r["diff_std"]:.2f} | {r["seeds"]} | '
+                 f'{r["nfe"]:.1f} | '
                  f'{r["seconds"]:.1f} | {r["compile_s"]:.1f} | {r["extra"]} |')
   lines += ['', 'NFE counts denoiser evaluations per sample; DG also takes one discriminator '
-            'gradient per step, DiffRS and ISIR one discriminator evaluation per candidate.', '']
+            'gradient per step, DiffRS and ISIR one discriminator evaluation per candidate. '
+            'ISIR proposes with the stochastic step of `edm_churn` (S_churn 5, S_min 0.01, '
+            'S_max 50); ESS is the mean normalised effective sample size of its weights.', '']
   with open(path, 'w') as f:
     f.write('\n'.join(lines))
 
