@@ -19,7 +19,6 @@ size: the floor of FD-digits at this sample count.
 import json
 import math
 import os
-import time
 
 from absl import app
 from absl import flags

@@ -1,9 +1,9 @@
-"""The bundled digits demo: sample with EDM, DG, DiffRS and ISIR, score FD-digits, print a table.
+"""The bundled digits demo: sample with EDM and ISIR (DG, DiffRS), score FD-digits, print a table.
 
-``python main.py --config=configs/digits.py --mode=demo`` (``make demo``) loads the
-committed models under ``isir_jax/assets/digits/``, draws ``config.demo.num_samples``
-digits with each method of ``config.demo.methods``, writes one PNG grid per method
-into the workdir and prints one row per method: FD-digits (Frechet distance of the
+``python main.py --config=configs/digits.py --mode=demo`` loads the committed models
+under ``isir_jax/assets/digits/``, draws ``config.demo.num_samples`` digits with each
+method of ``config.demo.methods`` (``configs/digits.py:all`` for all four), writes one
+PNG grid per method into the workdir and prints one row per method: FD-digits (Frechet distance of the
 clean-digit classifier's features to those of the 1,797 real digits), denoiser
 evaluations per sample, and the compile and sampling seconds.
 

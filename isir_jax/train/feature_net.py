@@ -5,7 +5,6 @@ generated and real digits: the demo's stand-in for FID, which needs Inception
 and 299x299 images. The network is a small CNN trained on the clean 8x8 digits.
 """
 
-import os
 from typing import Optional, Sequence
 
 import flax.linen as nn
