@@ -44,10 +44,20 @@ def test_isir_n16_k4_recovers_true_weights():
 
 
 def test_isir_error_shrinks_with_n_and_with_k():
-  """Weight error averaged over two seeds, N = 1, 2, 4 (K = 1) and K = 1, 2, 4 (N = 4)."""
+  """Weight error averaged over two seeds, N = 1, 2, 4 (K = 1) and K = 1, 2, 4 (N = 4).
+
+  N and K are traced arguments of one compiled program (`isir.isir_sample_schedule`).
+  """
+  fn = jax.jit(functools.partial(isir.isir_sample_schedule, TB.model_denoiser, TB.discriminator,
+                                 shape=TB.shape, max_candidates=4, **STEP))
+
   def error(n, k):
-    fn = isir_fn(num_candidates=n, num_iterations=k, **STEP)
-    return np.mean([TB.weight_error(fn(sample_keys(seed, 2000))[0]) for seed in (1, 2)])
+    errors = []
+    for seed in (1, 2):
+      x, stats = fn(sample_keys(seed, 2000), n, k)
+      assert np.all(np.asarray(stats['nfe']) == (n + (k - 1) * (n - 1)) * (2 * 17 + 1))
+      errors.append(TB.weight_error(x))
+    return np.mean(errors)
   by_n = [error(n, 1) for n in (1, 2, 4)]
   by_k = [by_n[-1]] + [error(4, k) for k in (2, 4)]
   assert by_n[0] > by_n[1] > by_n[2], by_n
@@ -56,7 +66,7 @@ def test_isir_error_shrinks_with_n_and_with_k():
 
 
 def test_isir_with_one_candidate_is_stochastic_edm_bit_for_bit():
-  keys = sample_keys(1, 2000)  # as in the test above, which then reuses this compilation
+  keys = sample_keys(1, 2000)
   x_edm, s_edm = jax.jit(samplers.get_sampler('edm')(TB.model_denoiser, shape=TB.shape,
                                                      **STEP))(keys)
   x_isir, s_isir = isir_fn(num_candidates=1, num_iterations=1, **STEP)(keys)

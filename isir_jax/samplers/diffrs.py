@@ -234,7 +234,10 @@ def diffrs_sample(denoiser, discriminator, keys: Array, class_labels: Optional[A
     # Rejected: back to the prior at level 0, else re-noise back `backsteps` levels.
     back = jnp.minimum(cfg.backsteps, ln.idx)
     idx_back = ln.idx - back
-    eps_back = jax.vmap(lambda k: schedule.candidate_normal(k, 1, shape))(ekeys)
+    # This iteration's noise: candidate 0 churns the step, 1 re-noises a back-step and 2
+    # redraws a restart (one vmapped draw, so the generator is compiled once).
+    eps_step, eps_back, eps_restart = jnp.moveaxis(
+        schedule.candidates_normal(ekeys, jnp.arange(3), shape), 1, 0)
     x_back = jnp.where(
         row(ln.idx == 0, ln.x), t[0] * eps_back,
         ln.x + edm.per_row(jnp.sqrt(t[idx_back] ** 2 - t[ln.idx] ** 2), ln.x) * eps_back)
@@ -242,10 +245,8 @@ def diffrs_sample(denoiser, discriminator, keys: Array, class_labels: Optional[A
     k = jnp.minimum(ln.idx, n - 1)
     t_cur, t_next = t[k], t[k + 1]
     heun = (k + 1 < n) if step.heun else False
-    eps_step = None
-    if step.stochastic:
-      eps_step = jax.vmap(lambda kk: schedule.candidate_normal(kk, 0, shape))(ekeys)
-    x_step, _ = edm.edm_step(denoiser, ln.x, t_cur, t_next, eps_step, labels,
+    x_step, _ = edm.edm_step(denoiser, ln.x, t_cur, t_next,
+                             eps_step if step.stochastic else None, labels,
                              gamma=step.gamma(t_cur), S_noise=step.S_noise, heun=heun)
     step_nfe = jnp.where(heun, 2, 1) if step.heun else jnp.ones_like(k)
     done = active & accept & (ln.idx == n)
@@ -262,7 +263,6 @@ def diffrs_sample(denoiser, discriminator, keys: Array, class_labels: Optional[A
         tests=ln.tests + taken, accepts=ln.accepts + (taken & accept))
     # max_iter: restart samples that could no longer finish within the budget.
     restart = active & ~done & (ln.nfe_run + 2 * n - 1 - 2 * ln.idx > cfg.max_iter)
-    eps_restart = jax.vmap(lambda kk: schedule.candidate_normal(kk, 2, shape))(ekeys)
     zeros = jnp.zeros_like(ln.idx)
     ln = ln._replace(
         x=jnp.where(row(restart, ln.x), t[0] * eps_restart, ln.x),

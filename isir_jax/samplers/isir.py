@@ -206,7 +206,43 @@ def isir_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Arr
   step, cfg = _parse(settings)
   n_steps, k_steps = cfg.per_step(step.num_steps)
   n0, k0 = cfg.initial()
-  n_max = int(n_steps.max())
+  return _isir(denoiser, discriminator, keys, class_labels, latents, shape, step,
+               cfg.candidate_chunk, n_steps, k_steps, n0, k0, int(n_steps.max()), n0)
+
+
+def isir_sample_schedule(denoiser, discriminator, keys: Array, num_candidates: Array,
+                         num_iterations: Array, class_labels: Optional[Array] = None,
+                         latents: Optional[Array] = None, *, shape, max_candidates: int,
+                         **settings) -> tuple[Array, dict]:
+  """`isir_sample` with N and K as arrays that may be traced: one program for many (N, K).
+
+  The candidate batch has the static size ``max_candidates`` (candidates beyond N get zero
+  weight), so N = 1 here runs ``max_candidates`` candidates; use `isir_sample` for speed.
+  The initial stage uses ``max(N)`` candidates and ``max(K)`` iterations. Same law of the
+  samples as `isir_sample`, not the same draws (later iterations number their candidates
+  from ``max_candidates``).
+
+  Args:
+    num_candidates, num_iterations: int scalars or [num_steps] arrays, 1 <= N <= max_candidates.
+    max_candidates: static candidate batch size.
+    (others as in `isir_sample`; settings exclude the N, K and initial-stage settings.)
+  """
+  fixed = {'num_candidates', 'num_iterations', 'initial_candidates', 'initial_iterations',
+           'initial_only'} & set(settings)
+  if fixed:
+    raise TypeError(f'isir.isir_sample_schedule: {sorted(fixed)} are arguments or unsupported')
+  step, cfg = _parse(dict(settings, num_candidates=max_candidates))
+  n_steps = jnp.broadcast_to(jnp.asarray(num_candidates, jnp.int32), (step.num_steps,))
+  k_steps = jnp.broadcast_to(jnp.asarray(num_iterations, jnp.int32), (step.num_steps,))
+  return _isir(denoiser, discriminator, keys, class_labels, latents, shape, step,
+               cfg.candidate_chunk, n_steps, k_steps, jnp.max(n_steps), jnp.max(k_steps),
+               max_candidates, max_candidates)
+
+
+def _isir(denoiser, discriminator, keys, class_labels, latents, shape, step, chunk, n_steps,
+          k_steps, n0, k0, n_max: int, n0_max: int):
+  """The sampler with per-step N, K [n] and initial n0, k0 (static or traced) and static
+  candidate batch sizes ``n_max`` (steps) and ``n0_max`` (initial stage)."""
   t = step.sigmas(denoiser)
   batch = keys.shape[0]
 
@@ -223,10 +259,10 @@ def isir_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Arr
   # Initial stage: i-SIR among sigma_max * eps weighted by exp(d(x, t_0)).
   def propose_latent(ids):
     x = edm.initial_candidates(keys, ids, t[0], shape, latents)
-    return x, log_weights(x, t[0], n0 > 1)
+    return x, log_weights(x, t[0], n0_max > 1)
 
   lkeys = jax.vmap(schedule.latent_key)(keys)
-  x0, _, ess0 = isir_chain(propose_latent, lkeys, n0, n0, k0, cfg.candidate_chunk)
+  x0, _, ess0 = isir_chain(propose_latent, lkeys, n0, n0_max, k0, chunk)
 
   def body(carry, i, heun):
     x, ess_sum = carry
@@ -237,11 +273,13 @@ def isir_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Arr
 
     skeys = jax.vmap(lambda k: schedule.step_key(k, i))(keys)
     x, _, ess = isir_chain(propose, skeys, jnp.asarray(n_steps)[i], n_max,
-                           jnp.asarray(k_steps)[i], cfg.candidate_chunk)
+                           jnp.asarray(k_steps)[i], chunk)
     return x, ess_sum + ess
 
   x, ess_sum = edm.run_steps(body, (x0, jnp.zeros([batch])), step)
-  nfe = step.total_nfe(n_steps + (k_steps - 1) * (n_steps - 1))
+  # Denoiser evaluations: N + (K-1)(N-1) proposals per step, each `step.nfe(i)` evaluations.
+  proposals = jnp.asarray(n_steps) + (jnp.asarray(k_steps) - 1) * (jnp.asarray(n_steps) - 1)
+  nfe = jnp.sum(proposals * jnp.asarray([step.nfe(i) for i in range(step.num_steps)]))
   return x, {'nfe': jnp.full([batch], nfe, jnp.int32), 'ess': ess_sum / step.num_steps,
              'ess_initial': ess0}
 
