@@ -4,7 +4,7 @@ This file is intentionally kept short: the logic is in ``isir_jax.run_lib``
 (and the samplers, ``isir_jax.parallel``, ``isir_jax.io``, ``isir_jax.fid``), where
 it can be tested. Examples::
 
-  python main.py                                     # the default config, tiny and exact
+  python main.py                                     # the bundled digits demo (configs/digits.py)
   python main.py --config=configs/cifar10.py:isir --workdir=workdir/cifar10-isir
   python main.py --config=configs/cifar10.py:isir --workdir=workdir/cifar10-isir --mode=eval
   python main.py --config=configs/cifar10.py:dg,cond --config.sample.num_samples=10000
@@ -38,14 +38,14 @@ MODES = {
 }
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                               'configs', 'testbed.py:isir_stochastic')
+                               'configs', 'digits.py')
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', _DEFAULT_CONFIG, 'Experiment config file (configs/<data set>.py:<method>[,flags]).',
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Run directory for samples and scores [default: workdir/<config.name>].')
-_MODE = flags.DEFINE_enum('mode', 'sample', list(MODES), 'What to run.')
+_MODE = flags.DEFINE_enum('mode', None, list(MODES), 'What to run [default: config.mode].')
 
 
 def main(argv):
@@ -55,9 +55,10 @@ def main(argv):
   parallel.initialize(config.distributed)
   logging.info('JAX %s', parallel.describe())
   workdir = _WORKDIR.value or os.path.join('workdir', config.name)
-  logging.info('mode %s, config %s, workdir %s', _MODE.value, config.name, workdir)
+  mode = _MODE.value or config.mode
+  logging.info('mode %s, config %s, workdir %s', mode, config.name, workdir)
   try:
-    MODES[_MODE.value](config, workdir)
+    MODES[mode](config, workdir)
   except run_lib.RunError as e:
     sys.exit(f'error: {e}')
 

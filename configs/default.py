@@ -95,6 +95,7 @@ def get_config() -> ml_collections.ConfigDict:
   """Defaults shared by every experiment (EDM sampling on converted checkpoints)."""
   config = ml_collections.ConfigDict()
   config.name = 'default'         # run name; the default --workdir is workdir/<name>
+  config.mode = 'sample'          # what main.py runs when --mode is not given
   config.seed = 0                 # sample i is drawn from fold_in(key(seed), i)
   config.distributed = False      # join a multi-host job with jax.distributed.initialize()
 

@@ -101,6 +101,7 @@ def get_config(arg: str | None = None):
                                     'isir_stochastic')
   config = default.get_config()
   config.name = f'digits-{method}'
+  config.mode = 'demo'            # `python main.py` = the demo table; --mode=sample for one method
   config.model.denoiser = os.path.join(ASSETS, 'denoiser')
   config.model.discriminator = os.path.join(ASSETS, 'discriminator')   # unused by edm
   config.sampler = default.sampler_config(method)
