@@ -245,7 +245,8 @@ def _define_flags():
   """CLI flags, defined only when run as a script (importers keep a clean flag set)."""
   flags.DEFINE_string('classifier', None, 'ADM noisy classifier state dict (32x32_classifier.pt).')
   flags.DEFINE_string('discriminator', None,
-                      'DG head state dict (discriminator_60.pt uncond, discriminator_250.pt cond).')
+                      'DG head state dict (discriminator_60.pt uncond, discriminator_250.pt cond); '
+                      'omit it to convert the classifier alone, for training a new head.')
   flags.DEFINE_string('dst', None, 'Output model directory (config.json + orbax params).')
   flags.DEFINE_bool('cond', False, 'The head is class conditional (has label_emb).')
   flags.DEFINE_integer('image_size', Arch.image_size, 'Classifier input resolution; 64 selects '
@@ -271,6 +272,24 @@ def _define_flags():
                      'log(D/(1-D)) with D clipped to [p, 1-p] (upstream DG uses 1e-5).')
 
 
+def convert_classifier(classifier_state: Mapping[str, np.ndarray], arch: Arch,
+                       name: str = 'classifier') -> tuple[dict, dict]:
+  """Checks the classifier alone against ``arch``; returns its ``(params, config)``.
+
+  For training a new DG head (``--mode=train_discriminator``) on the frozen classifier.
+
+  Raises:
+    ConversionError: listing every mismatch, missing key and extra key.
+  """
+  disc = arch.discriminator()
+  shapes = dg.init_params(disc.encoder, disc.head, jax.random.key(0), abstract=True)['encoder']
+  problems = check_state_dict(classifier_state, torch_shapes(shapes), name, 'classifier')
+  if problems:
+    raise ConversionError('; '.join(problems))
+  return (to_flax(classifier_state),
+          {'family': dg.CLASSIFIER_FAMILY, 'module': dg.module_config(disc.encoder)})
+
+
 def main(argv):
   del argv
   arch = Arch(
@@ -283,11 +302,22 @@ def main(argv):
       num_head_channels=FLAGS.num_head_channels, num_classes=FLAGS.num_classes,
       cond=FLAGS.cond, time_map=FLAGS.time_map, prob_clip=FLAGS.prob_clip)
   try:
-    states = [read_state_dict(p) for p in (FLAGS.classifier, FLAGS.discriminator)]
-    params, config = convert(*states, arch, names=(FLAGS.classifier, FLAGS.discriminator))
+    if not FLAGS.discriminator:
+      params, config = convert_classifier(read_state_dict(FLAGS.classifier), arch,
+                                          FLAGS.classifier)
+    else:
+      states = [read_state_dict(p) for p in (FLAGS.classifier, FLAGS.discriminator)]
+      params, config = convert(*states, arch, names=(FLAGS.classifier, FLAGS.discriminator))
   except (CheckpointError, ValueError, OSError) as e:  # ConversionError is a ValueError.
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  if not FLAGS.discriminator:
+    config['source'] = {'classifier': os.path.basename(FLAGS.classifier)}
+    checkpoints.save_model(FLAGS.dst, params, config)
+    n = sum(np.size(v) for v in jax.tree_util.tree_leaves(params))
+    print(f'converted {FLAGS.classifier} -> {FLAGS.dst}: {n:,} params, classifier only '
+          '(for --mode=train_discriminator)')
+    return
   config['source'] = {'classifier': os.path.basename(FLAGS.classifier),
                       'discriminator': os.path.basename(FLAGS.discriminator)}
   checkpoints.save_model(FLAGS.dst, params, config)
@@ -301,5 +331,5 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  flags.mark_flags_as_required(['classifier', 'discriminator', 'dst'])
+  flags.mark_flags_as_required(['classifier', 'dst'])
   app.run(main)

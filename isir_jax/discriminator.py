@@ -26,6 +26,7 @@ from isir_jax.networks.adm_encoder import EncoderUNetModel
 Array = jax.Array
 
 FAMILY = 'dg_discriminator'
+CLASSIFIER_FAMILY = 'adm_classifier'   # the ADM noisy classifier alone (encoder kwargs + params)
 TIME_MAPS = ('linear', 'cosine')
 
 # VP-SDE linear schedule beta(t) = b0 + t (b1 - b0) (Song et al. 2021) and iDDPM cosine offset.

@@ -19,6 +19,7 @@ import pytest
 from checkpoints_convert import dg as convert_dg
 from checkpoints_convert.reader import read_state_dict
 from isir_jax import discriminator as dg
+from isir_jax.train import trainers
 
 DATA = os.path.join(os.path.dirname(__file__), 'data', 'dg')
 CLASSIFIER = os.path.join(DATA, 'classifier.pt')
@@ -172,9 +173,9 @@ def test_classifier_width_mismatch_names_the_flag(states, arch_flags):
     convert_dg.convert(classifier, heads['uncond'], arch, names=('cls.pt', 'head.pt'))
 
 
-def _cli(arch_flags, dst, cond):
+def _cli(arch_flags, dst, cond, head=HEAD):
   args = [sys.executable, '-m', 'checkpoints_convert.dg', f'--classifier={CLASSIFIER}',
-          f'--discriminator={HEAD}', f'--dst={dst}', f'--cond={cond}']
+          f'--dst={dst}', f'--cond={cond}'] + ([f'--discriminator={head}'] if head else [])
   args += [f'--{k}={v}' for k, v in arch_flags.items()]
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
   return subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
@@ -194,6 +195,17 @@ def test_cli_converts_and_loads(tmp_path, arch_flags, states):
                                   'discriminator': 'discriminator_cond.pt'}
   assert config == d.to_config()
   jax.tree_util.tree_map(np.testing.assert_array_equal, d.params, want.params)
+
+
+def test_cli_converts_the_classifier_alone(tmp_path, arch_flags, states):
+  dst = str(tmp_path / 'classifier')
+  res = _cli(arch_flags, dst, cond=False, head=None)
+  assert res.returncode == 0, res.stderr
+  assert 'classifier only' in res.stdout and res.stdout.count('\n') == 1
+  kwargs, params = trainers.load_classifier(dst)
+  want = _discriminator(states, arch_flags, 'uncond', None)
+  assert dg.module_from_config(kwargs) == want.encoder
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params, want.params['encoder'])
 
 
 def test_cli_reports_mismatch_and_writes_nothing(tmp_path, arch_flags):

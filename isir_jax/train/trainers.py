@@ -25,7 +25,7 @@ from isir_jax.train import feature_net
 from isir_jax.train import losses
 from isir_jax.train import loop
 
-CLASSIFIER_FAMILY = 'adm_classifier'
+CLASSIFIER_FAMILY = dg.CLASSIFIER_FAMILY
 
 
 def _kwargs(cfg: ml_collections.ConfigDict) -> dict:
