@@ -51,28 +51,46 @@ def resample_kernel(taps: Sequence[float]) -> np.ndarray:
   return (np.outer(f, f) / f.sum() ** 2).astype(np.float32)
 
 
-def _depthwise(x: Array, kernel: np.ndarray, stride: int, pad: int, dilate: int) -> Array:
-  """Applies one 2-D filter to every channel of ``x`` independently."""
-  c = x.shape[-1]
-  k = jnp.broadcast_to(jnp.asarray(kernel, x.dtype)[:, :, None, None], kernel.shape + (1, c))
-  return jax.lax.conv_general_dilated(
-      x, k, window_strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-      lhs_dilation=(dilate, dilate), dimension_numbers=_DIMENSION_NUMBERS,
-      feature_group_count=c)
+def _filter_axis(x: Array, taps: np.ndarray, axis: int, stride: int, pad: int,
+                 dilate: int) -> Array:
+  """Correlates every channel of ``x`` with the 1-D ``taps`` along ``axis``.
+
+  The input is zero-dilated by ``dilate`` and zero-padded by ``pad`` on both sides, then
+  the taps are applied at ``stride``: a sum of shifted slices, which XLA fuses into one
+  elementwise loop (a grouped convolution with one channel per group is slow on CPU).
+  """
+  config = [(0, 0, 0)] * x.ndim
+  config[axis] = (pad, pad, dilate - 1)
+  xp = jax.lax.pad(x, jnp.zeros((), x.dtype), config)
+  n_out = (xp.shape[axis] - len(taps)) // stride + 1
+  out = None
+  for t, tap in enumerate(taps):
+    term = float(tap) * jax.lax.slice_in_dim(xp, t, t + stride * (n_out - 1) + 1, stride, axis)
+    out = term if out is None else out + term
+  return out
 
 
-def upsample(x: Array, kernel: np.ndarray) -> Array:
-  """2x upsampling: EDM's ``conv_transpose2d(x, 4 f, stride=2, padding=(len(f)-1)//2)``."""
-  k = kernel.shape[0]
-  pad = (k - 1) // 2
+def _resample(x: Array, taps: np.ndarray, stride: int, pad: int, dilate: int) -> Array:
+  """Filters H then W of NHWC ``x`` with the separable filter ``taps taps^T``."""
+  for axis in (1, 2):
+    x = _filter_axis(x, taps, axis, stride, pad, dilate)
+  return x
+
+
+def upsample(x: Array, taps: Sequence[float]) -> Array:
+  """2x upsampling: EDM's ``conv_transpose2d`` by ``4 f f^T / (sum f)^2`` at stride 2,
+  padding ``(len(f) - 1) // 2``."""
+  g = np.asarray(taps, np.float64)
+  k = len(g)
   # A transposed convolution is a convolution of the zero-dilated input with the
   # flipped kernel (the filter is symmetric) and padding k - 1 - pad.
-  return _depthwise(x, 4.0 * kernel, stride=1, pad=k - 1 - pad, dilate=2)
+  return _resample(x, 2.0 * g / g.sum(), stride=1, pad=k - 1 - (k - 1) // 2, dilate=2)
 
 
-def downsample(x: Array, kernel: np.ndarray, pad: int) -> Array:
-  """2x downsampling: filter with ``kernel`` at stride 2."""
-  return _depthwise(x, kernel, stride=2, pad=pad, dilate=1)
+def downsample(x: Array, taps: Sequence[float], pad: int) -> Array:
+  """2x downsampling: filter with ``f f^T / (sum f)^2`` at stride 2."""
+  g = np.asarray(taps, np.float64)
+  return _resample(x, g / g.sum(), stride=2, pad=pad, dilate=1)
 
 
 class Linear(nn.Module):
@@ -123,9 +141,9 @@ class Conv2d(nn.Module):
     x = x.astype(self.dtype)
     cin = x.shape[-1]
     k = self.kernel
-    f = resample_kernel(self.resample_filter)
+    f = self.resample_filter
     w_pad = k // 2
-    f_pad = (f.shape[0] - 1) // 2
+    f_pad = (len(f) - 1) // 2
     w = b = None
     if k:
       mode, w_scale, b_scale = self.init
