@@ -101,18 +101,42 @@ class Recording:
 
 
 @pytest.mark.parametrize('chunk', [None, 2])
-def test_one_model_call_per_iteration_at_trace_time(chunk):
-  b, n = 4, 5
+@pytest.mark.parametrize('per_step_k', [False, True])
+def test_model_calls_at_trace_time(chunk, per_step_k):
+  b, n, k = 4, 5, 3
   den, disc = Recording(TB.model_denoiser), Recording(TB.discriminator)
   fn = samplers.get_sampler('isir')(den, disc, shape=TB.shape, num_steps=6, S_churn=40.0,
-                                    num_candidates=n, num_iterations=3, candidate_chunk=chunk)
+                                    num_candidates=n, candidate_chunk=chunk,
+                                    num_iterations=(k, k, k, k, k, 2) if per_step_k else k)
   jax.make_jaxpr(fn)(sample_keys(0, b))
   # Traced once each: the initial stage and the scanned step (the last, Euler, step is the
-  # same step with its Heun stage skipped by a cond); in each, iteration 1 evaluates B*N
-  # candidates and the later iterations B*(N-1) fresh ones.
-  first, later = (b * n, b * (n - 1)) if chunk is None else (b * chunk, b * chunk)
-  assert disc.rows == [first, later] * 2
-  assert den.rows == [first, first, later, later]
+  # same step with its Heun stage skipped by a cond).
+  if per_step_k:
+    # A traced K: iteration 1 evaluates B*N candidates, the later ones B*(N-1) fresh ones
+    # (the initial stage has a static K, so it is one call as below).
+    first, later = (b * n, b * (n - 1)) if chunk is None else (b * chunk, b * chunk)
+    initial = b * (n + (k - 1) * (n - 1)) if chunk is None else b * chunk
+    assert disc.rows == [initial, first, later]
+    assert den.rows == [first, first, later, later]
+  else:
+    # A static K: all N + (K-1)(N-1) proposals of a chain in one call (or chunk).
+    rows = b * (n + (k - 1) * (n - 1)) if chunk is None else b * chunk
+    assert disc.rows == [rows, rows]
+    assert den.rows == [rows, rows]
+
+
+def test_static_k_draws_as_the_iteration_loop():
+  """All proposals drawn before the choices == the loop over iterations (a traced K)."""
+  keys = sample_keys(3, 64)
+  static, s_static = isir_fn(**SMALL)(keys)
+  settings = {k: v for k, v in SMALL.items() if k not in ('num_candidates', 'num_iterations')}
+  looped, s_loop = jax.jit(functools.partial(
+      isir.isir_sample_schedule, TB.model_denoiser, TB.discriminator, shape=TB.shape,
+      max_candidates=SMALL['num_candidates'], **settings))(
+          keys, SMALL['num_candidates'], SMALL['num_iterations'])
+  np.testing.assert_allclose(static, looped, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(s_static['ess'], s_loop['ess'], rtol=1e-5)
+  np.testing.assert_array_equal(s_static['nfe'], s_loop['nfe'])
 
 
 def test_candidates_are_distinct_and_start_from_the_same_state():

@@ -11,11 +11,13 @@ density ratio. i-SIR with N candidates and K iterations (Andrieu et al. 2018):
 The pick after K iterations is the next state. ``r(x)`` is common to all candidates and
 cancels. The initial state ``x_T`` is chosen by the same i-SIR among ``sigma_max * eps``
 draws weighted by ``exp(d(x, t_0))``. Every candidate of a step starts from the same
-``(x_i, t_i)``; the candidates of an iteration (B*N rows in iteration 1, B*(N-1) fresh ones
-later) go through one denoiser call per solver stage and one discriminator call, or through
+``(x_i, t_i)`` and none depends on the current pick, so with a K common to all steps the
+``N + (K-1)(N-1)`` proposals of a step (B times that many rows) go through one denoiser call
+per solver stage and one discriminator call before the K choices are made, or through
 ``candidate_chunk``-sized pieces mapped by ``lax.map`` (same draws and choices; values agree
-to float rounding, as XLA may round differently for different batch shapes). Denoiser evaluations per step: ``2 (N + (K-1)(N-1))``
-(the last step, Euler, half that).
+to float rounding, as XLA may round differently for different batch shapes). Per-step K
+draws each iteration's proposals in turn. Denoiser evaluations per step:
+``2 (N + (K-1)(N-1))`` (the last step, Euler, half that).
 
 The limit: as N, K grow each step samples ``q(x'|x) r(x') / Z(x)`` with ``Z(x) = E_q[r(x')]``.
 The product over steps telescopes to the data distribution where ``Z(x) = r(x, t_i)``, which
@@ -137,9 +139,35 @@ def _chunked(evaluate: Callable, ids: Array, chunk: Optional[int]):
   return xs[:, :count], lw[:, :count]
 
 
+def num_proposals(n, k):
+  """Proposals of an i-SIR chain with N candidates and K iterations: ``N + (K-1)(N-1)``."""
+  return n + (k - 1) * (n - 1)
+
+
+def _choose(choice_keys: Array, k, lw: Array, n_active) -> tuple[Array, Array]:
+  """Choice k of a chain among candidates with log weights lw [B, N] (slot 0 is the kept pick
+  for k > 0; slots beyond ``n_active`` get zero weight): the chosen slots [B] and the
+  normalised ESS [B]."""
+  lw = jnp.where(jnp.arange(lw.shape[1]) < n_active, lw, -jnp.inf)
+  idx = jax.vmap(lambda kk, l: jax.random.categorical(schedule.choice_key(kk, k), l))(
+      choice_keys, lw)
+  return idx, normalised_ess(lw, n_active)
+
+
+def _take(v: Array, idx: Array) -> Array:
+  """Row b of the result is ``v[b, idx[b]]``."""
+  return jnp.take_along_axis(v, idx.reshape((-1, 1) + (1,) * (v.ndim - 2)), axis=1)[:, 0]
+
+
 def isir_chain(propose: Callable, choice_keys: Array, n_active, n_max: int, iterations,
                chunk: Optional[int] = None) -> tuple[Array, Array, Array]:
   """i-SIR over candidates from ``propose``: K iterations, N candidates.
+
+  Proposals do not depend on the current pick, so with a static K every proposal of the
+  chain (``N + (K-1)(N-1)``, ids in that order) is drawn and weighted in one call (or
+  ``chunk``-sized pieces) before the K choices, which only read log weights. A traced K
+  (per-step schedules) runs a loop that draws each iteration's proposals in turn; both
+  give the same draws and choices.
 
   Args:
     propose: ``propose(ids [c]) -> (x [B, c, ...], log_w [B, c])`` for candidate indices ids;
@@ -147,38 +175,42 @@ def isir_chain(propose: Callable, choice_keys: Array, n_active, n_max: int, iter
     choice_keys: [B] keys of the choices (iteration k uses ``schedule.choice_key(., k)``).
     n_active: N (int or traced scalar <= n_max); candidates beyond it get zero weight.
     n_max: static candidate batch size.
-    iterations: K (int or traced scalar >= 1).
+    iterations: K (int, or traced scalar >= 1).
     chunk: optional number of candidates per call.
 
   Returns:
     The pick [B, ...], its log weight [B], and the mean normalised ESS over iterations [B].
   """
-  def choose(xs, lw, k):
-    idx = jax.vmap(lambda kk, l: jax.random.categorical(schedule.choice_key(kk, k), l))(
-        choice_keys, lw)
-    pick = jnp.take_along_axis(xs, idx.reshape((-1, 1) + (1,) * (xs.ndim - 2)), axis=1)[:, 0]
-    return pick, jnp.take_along_axis(lw, idx[:, None], axis=1)[:, 0]
+  if n_max == 1:  # Nothing to choose: plain sampling from the proposal.
+    xs, lw = propose(jnp.arange(1))
+    return xs[:, 0], lw[:, 0], jnp.ones(lw.shape[:1])
+  if isinstance(iterations, (int, np.integer)):
+    xs, lw = _chunked(propose, jnp.arange(num_proposals(n_max, int(iterations))), chunk)
+    # Choices on the log weights alone; `pick` indexes the proposals.
+    pick, ess = _choose(choice_keys, 0, lw[:, :n_max], n_active)
+    for k in range(1, int(iterations)):
+      fresh = num_proposals(n_max, k) + jnp.arange(n_max - 1)
+      slots = jnp.concatenate([pick[:, None], jnp.broadcast_to(fresh, (len(pick), n_max - 1))],
+                              axis=1)
+      idx, e = _choose(choice_keys, k, jnp.take_along_axis(lw, slots, axis=1), n_active)
+      pick, ess = _take(slots, idx), ess + e
+    return _take(xs, pick), _take(lw, pick), ess / iterations
 
   slots = jnp.arange(n_max)
-  # Iteration 1: N fresh proposals.
   xs, lw = _chunked(propose, slots, chunk)
-  if n_max == 1:  # Nothing to choose: plain sampling from the proposal.
-    return xs[:, 0], lw[:, 0], jnp.ones(lw.shape[:1])
-  lw = jnp.where(slots < n_active, lw, -jnp.inf)
-  pick, pick_lw = choose(xs, lw, 0)
-  ess = normalised_ess(lw, n_active)
+  idx, ess = _choose(choice_keys, 0, lw, n_active)
 
   def iteration(k, carry):
     # Iteration k > 1: the current pick is candidate 1, with its weight; N-1 fresh proposals.
     pick, pick_lw, ess = carry
-    fresh, fresh_lw = _chunked(propose, n_max + (k - 1) * (n_max - 1) + slots[:-1], chunk)
+    fresh, fresh_lw = _chunked(propose, num_proposals(n_max, k) + slots[:-1], chunk)
     xs = jnp.concatenate([pick[:, None], fresh], axis=1)
-    lw = jnp.concatenate([pick_lw[:, None], jnp.where(slots[1:] < n_active, fresh_lw, -jnp.inf)],
-                         axis=1)
-    pick, pick_lw = choose(xs, lw, k)
-    return pick, pick_lw, ess + normalised_ess(lw, n_active)
+    lw = jnp.concatenate([pick_lw[:, None], fresh_lw], axis=1)
+    idx, e = _choose(choice_keys, k, lw, n_active)
+    return _take(xs, idx), _take(lw, idx), ess + e
 
-  pick, pick_lw, ess = lax.fori_loop(1, iterations, iteration, (pick, pick_lw, ess))
+  pick, pick_lw, ess = lax.fori_loop(1, iterations, iteration, (_take(xs, idx), _take(lw, idx),
+                                                                 ess))
   return pick, pick_lw, ess / iterations
 
 
@@ -245,6 +277,11 @@ def _isir(denoiser, discriminator, keys, class_labels, latents, shape, step, chu
   candidate batch sizes ``n_max`` (steps) and ``n0_max`` (initial stage)."""
   t = step.sigmas(denoiser)
   batch = keys.shape[0]
+  # A K common to all steps stays static, so that each chain draws its proposals in one call.
+  static_k = isinstance(k_steps, np.ndarray) and np.all(k_steps == k_steps[0])
+
+  def k_of(i):
+    return int(k_steps[0]) if static_k else jnp.asarray(k_steps)[i]
 
   def log_weights(x, sigma, needed: bool):
     """log r(x) [B, c] of candidates x [B, c, ...] (zeros where there is nothing to choose)."""
@@ -272,13 +309,12 @@ def _isir(denoiser, discriminator, keys, class_labels, latents, shape, step, chu
       return x_new, log_weights(x_new, t[i + 1], n_max > 1)
 
     skeys = jax.vmap(lambda k: schedule.step_key(k, i))(keys)
-    x, _, ess = isir_chain(propose, skeys, jnp.asarray(n_steps)[i], n_max,
-                           jnp.asarray(k_steps)[i], chunk)
+    x, _, ess = isir_chain(propose, skeys, jnp.asarray(n_steps)[i], n_max, k_of(i), chunk)
     return x, ess_sum + ess
 
   x, ess_sum = edm.run_steps(body, (x0, jnp.zeros([batch])), step)
   # Denoiser evaluations: N + (K-1)(N-1) proposals per step, each `step.nfe(i)` evaluations.
-  proposals = jnp.asarray(n_steps) + (jnp.asarray(k_steps) - 1) * (jnp.asarray(n_steps) - 1)
+  proposals = num_proposals(jnp.asarray(n_steps), jnp.asarray(k_steps))
   nfe = jnp.sum(proposals * jnp.asarray([step.nfe(i) for i in range(step.num_steps)]))
   return x, {'nfe': jnp.full([batch], nfe, jnp.int32), 'ess': ess_sum / step.num_steps,
              'ess_initial': ess0}
