@@ -133,3 +133,31 @@ def test_pmap_and_vmap(small_thresholds):
   np.testing.assert_allclose(mapped.reshape(ref.shape), ref, rtol=1e-5, atol=1e-5)
   vmapped, _ = jax.jit(jax.vmap(fn))(keys.reshape(2, 4))
   np.testing.assert_allclose(vmapped.reshape(ref.shape), ref, rtol=1e-5, atol=1e-5)
+
+
+class CountingDenoiser:
+  """Wraps a denoiser and counts the rows it evaluates at run time (not at trace time)."""
+
+  def __init__(self, inner):
+    self.inner, self.rows = inner, []
+
+  def __getattr__(self, name):
+    return getattr(self.inner, name)
+
+  def __call__(self, x, sigma, class_labels=None):
+    jax.debug.callback(lambda n: self.rows.append(int(n)), jnp.int32(x.shape[0]))
+    return self.inner(x, sigma, class_labels)
+
+
+def test_one_lane_evaluates_only_what_it_counts(small_thresholds):
+  """With one lane no step is evaluated after a rejection or for a finished sample, and no
+  Heun stage on the last (Euler) step: run-time evaluations == the reported nfe."""
+  th, _ = small_thresholds
+  den = CountingDenoiser(TB.model_denoiser)
+  fn = jax.jit(samplers.get_sampler('diffrs')(den, TB.discriminator, shape=TB.shape,
+                                              thresholds=th, slots=1, **SMALL))
+  _, stats = fn(sample_keys(12, 6))
+  jax.effects_barrier()
+  nfe = np.asarray(stats['nfe'])
+  assert float(stats['accept_rate'].mean()) < 1.0  # some tests rejected
+  assert sum(den.rows) == nfe.sum() and set(den.rows) == {1}, (sum(den.rows), nfe)

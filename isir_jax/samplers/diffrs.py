@@ -17,7 +17,8 @@ Sampling, per sample (the seed's ``generate_diffrs.py``):
 
 Layout: ``slots`` lanes (default: the batch) each carry one sample at its own level. Every
 loop iteration evaluates the discriminator on all lanes (the pending test), then takes one
-EDM step on the lanes that passed it. A finished sample is written to its output row and its
+EDM step on the lanes that passed it (all lanes are evaluated, unless none steps; the Heun
+stage likewise, unless no stepping lane needs it). A finished sample is written to its output row and its
 lane is refilled with the next sample of the batch. All randomness of sample b comes from
 ``keys[b]`` (its n-th loop iteration uses ``fold_in(keys[b], n)``), so its result does not
 depend on the lane it ran in or on the batch.
@@ -241,17 +242,23 @@ def diffrs_sample(denoiser, discriminator, keys: Array, class_labels: Optional[A
     x_back = jnp.where(
         row(ln.idx == 0, ln.x), t[0] * eps_back,
         ln.x + edm.per_row(jnp.sqrt(t[idx_back] ** 2 - t[ln.idx] ** 2), ln.x) * eps_back)
-    # Accepted and not finished: one EDM step from level idx to idx + 1.
-    k = jnp.minimum(ln.idx, n - 1)
-    t_cur, t_next = t[k], t[k + 1]
-    heun = (k + 1 < n) if step.heun else False
-    x_step, _ = edm.edm_step(denoiser, ln.x, t_cur, t_next,
-                             eps_step if step.stochastic else None, labels,
-                             gamma=step.gamma(t_cur), S_noise=step.S_noise, heun=heun)
-    step_nfe = jnp.where(heun, 2, 1) if step.heun else jnp.ones_like(k)
     done = active & accept & (ln.idx == n)
     stepping = active & accept & (ln.idx < n)
     rejected = active & ~accept
+    # Accepted and not finished: one EDM step from level idx to idx + 1. The step (and its
+    # Heun stage) is evaluated only when some lane needs it, e.g. never at batch 1 after a
+    # rejection or when the sample is done.
+    k = jnp.minimum(ln.idx, n - 1)
+    t_cur, t_next = t[k], t[k + 1]
+    heun = (k + 1 < n) if step.heun else False
+    x_step = lax.cond(
+        jnp.any(stepping),
+        lambda: edm.edm_step(denoiser, ln.x, t_cur, t_next,
+                             eps_step if step.stochastic else None, labels,
+                             gamma=step.gamma(t_cur), S_noise=step.S_noise,
+                             heun=heun & stepping if step.heun else False)[0],
+        lambda: ln.x)
+    step_nfe = jnp.where(heun, 2, 1) if step.heun else jnp.ones_like(k)
     x = jnp.where(row(stepping, ln.x), x_step, jnp.where(row(rejected, ln.x), x_back, ln.x))
     idx = jnp.where(stepping, ln.idx + 1, jnp.where(rejected, idx_back, ln.idx))
     test = jnp.where(stepping, test_at(idx, True), jnp.where(rejected, test_at(idx, False),

@@ -100,7 +100,7 @@ def edm_step(denoiser, x: Array, t_cur: Array, t_next: Array, eps: Optional[Arra
     heun: static bool; a traced scalar bool (the correction sits under a ``lax.cond``, so
       the denoiser appears once per solver stage in the program); or a per-row bool [R]
       (rows with ``t_next = 0`` must be False: their correction is computed at a dummy
-      level and discarded).
+      level and discarded; skipped when every row is False).
     guide1: DG term at ``(x_hat, t_hat)``, added to the Euler direction (EDM-G++).
     guide2: DG term at ``(x_next, t_next)``, added to the Heun direction.
 
@@ -136,8 +136,12 @@ def edm_step(denoiser, x: Array, t_cur: Array, t_next: Array, eps: Optional[Arra
   if heun.ndim == 0:
     # One flag for all rows (the step index of a scan): evaluate only the branch taken.
     return lax.cond(heun, correct, lambda _: x_next, t_next), aux
-  # Rows without the correction get a safe dummy level; their result is discarded.
-  return jnp.where(per_row(heun, x), correct(jnp.where(heun, t_next, 1.0)), x_next), aux
+  # Rows without the correction get a safe dummy level and their result is discarded; no
+  # evaluation at all when no row needs it.
+  return lax.cond(
+      jnp.any(heun),
+      lambda: jnp.where(per_row(heun, x), correct(jnp.where(heun, t_next, 1.0)), x_next),
+      lambda: x_next), aux
 
 
 def run_steps(body: Callable, carry, step: StepSettings):
