@@ -205,3 +205,29 @@ def test_class_labels_follow_their_rows(name, settings):
   labels = jax.nn.one_hot(jnp.arange(4) % 10, 10)
   x, stats = jax.eval_shape(fn, sample_keys(0, 4), labels)
   assert x.shape == (4,) + TB.shape and stats['nfe'].shape == (4,)
+
+
+class CountingGuidance:
+  """Wraps a discriminator and counts its ``guidance`` calls at run time."""
+
+  def __init__(self, inner):
+    self.inner, self.calls = inner, []
+
+  def __getattr__(self, name):
+    return getattr(self.inner, name)
+
+  def guidance(self, x, sigma, *args):
+    jax.debug.callback(lambda: self.calls.append(1))
+    return self.inner.guidance(x, sigma, *args)
+
+
+def test_dg_skips_the_discriminator_when_the_batch_is_outside_the_window():
+  disc = CountingGuidance(TB.discriminator)
+  step = edm.StepSettings(num_steps=8)
+  t = step.sigmas(TB.model_denoiser)[:-1]
+  inside = np.asarray(schedule.in_guidance_window(t, 0.01, 1.0))
+  assert 0 < inside.sum() < len(inside)  # the last steps are below tau = 0.01
+  fn = jax.jit(samplers.get_sampler('dg')(TB.model_denoiser, disc, shape=TB.shape, num_steps=8))
+  x, _ = fn(sample_keys(4, 16))
+  jax.effects_barrier()
+  assert len(disc.calls) == inside.sum() and np.all(np.isfinite(np.asarray(x)))

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from isir_jax.samplers import edm, schedule
 
@@ -68,9 +69,13 @@ def dg_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Array
       return None
 
     def fn(x, sigma):
-      g, log_ratio = discriminator.guidance(x, sigma, class_labels, dg.time_min, dg.time_max)
-      # Samples outside the window have no guidance and are never boosted.
+      # Samples outside the window have no guidance and are never boosted; when the whole
+      # batch is outside, the discriminator is not evaluated at all.
       inside = schedule.in_guidance_window(sigma, dg.time_min, dg.time_max)
+      g, log_ratio = lax.cond(
+          jnp.any(inside),
+          lambda: discriminator.guidance(x, sigma, class_labels, dg.time_min, dg.time_max),
+          lambda: (jnp.zeros(x.shape, jnp.float32), jnp.zeros(x.shape[:1], jnp.float32)))
       log_ratio = jnp.where(inside, log_ratio, jnp.inf)
       if boost_weight:
         double = (log_ratio < 0) & (i % _BOOST_WEIGHT_PERIOD == 0)
