@@ -43,6 +43,7 @@ from isir_jax import discriminator as dg_lib
 from isir_jax import samplers
 from isir_jax.denoiser import Denoiser
 from isir_jax.networks import precond
+from isir_jax.samplers import isir
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('sections', ['peak', 'denoiser', 'discriminator', 'samplers', 'memory', 'bf16'],
@@ -502,15 +503,17 @@ def section_memory(report: Report, models: Models):
   b = int(FLAGS.sampler_batch_sizes[0])
   report.add('## ISIR memory against N', '',
              f'XLA buffer assignment of the compiled ISIR sampler (batch {b}, K='
-             f'{FLAGS.isir_iterations}): temporaries and arguments, all candidates in one call '
-             f'or candidate_chunk={chunk} (a `lax.map` over chunks). Compiled, not run.', '')
-  row = report.table(['N', 'candidates per call', 'XLA temp MB', 'arguments MB', 'compile s'])
+             f'{FLAGS.isir_iterations}): temporaries and arguments, all N + (K-1)(N-1) proposals '
+             f'of a step in one call or candidate_chunk={chunk} (a `lax.map` over chunks). '
+             'Compiled, not run.', '')
+  row = report.table(['N', 'proposals per call', 'XLA temp MB', 'arguments MB', 'compile s'])
   for n in ns:
     for ch in (None, chunk):
       if ch is None or ch < n:
         c = compile_sampler('isir', models, jnp.float32, b,
                             sampler_settings('isir', num_candidates=n, candidate_chunk=ch))
-        row(n, ch or n, c.temp_mb, c.arg_mb, c.compile_s)
+        row(n, ch or isir.num_proposals(n, FLAGS.isir_iterations), c.temp_mb, c.arg_mb,
+            c.compile_s)
   report.add('')
 
 

@@ -126,16 +126,19 @@ def normalised_ess(log_w: Array, active) -> Array:
 
 
 def _chunked(evaluate: Callable, ids: Array, chunk: Optional[int]):
-  """``evaluate(ids [c]) -> (x [B, c, ...], log_w [B, c])``, in chunks of ``chunk`` ids."""
+  """``evaluate(ids [c]) -> (x [B, c, ...], log_w [B, c])`` over contiguous ``ids``, at most
+  ``chunk`` ids per call, in equal pieces (``lax.map``)."""
   count = ids.shape[0]
   if chunk is None or chunk >= count:
     return evaluate(ids)
   pieces = -(-count // chunk)
-  # Padding ids are just further candidate indices; their results are dropped.
-  padded = ids[0] + jnp.arange(pieces * chunk)
-  xs, lw = lax.map(evaluate, padded.reshape(pieces, chunk))         # [P, B, c, ...], [P, B, c]
-  xs = jnp.moveaxis(xs, 0, 1).reshape((xs.shape[1], pieces * chunk) + xs.shape[3:])
-  lw = jnp.moveaxis(lw, 0, 1).reshape(lw.shape[1], pieces * chunk)
+  size = -(-count // pieces)
+  # Padding ids (fewer than `pieces`) are just further candidate indices; their results are
+  # dropped.
+  padded = ids[0] + jnp.arange(pieces * size)
+  xs, lw = lax.map(evaluate, padded.reshape(pieces, size))         # [P, B, c, ...], [P, B, c]
+  xs = jnp.moveaxis(xs, 0, 1).reshape((xs.shape[1], pieces * size) + xs.shape[3:])
+  lw = jnp.moveaxis(lw, 0, 1).reshape(lw.shape[1], pieces * size)
   return xs[:, :count], lw[:, :count]
 
 
