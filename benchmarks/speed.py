@@ -509,7 +509,7 @@ def section_memory(report: Report, models: Models):
   row = report.table(['N', 'proposals per call', 'XLA temp MB', 'arguments MB', 'compile s'])
   for n in ns:
     for ch in (None, chunk):
-      if ch is None or ch < n:
+      if ch is None or ch < isir.num_proposals(n, FLAGS.isir_iterations):
         c = compile_sampler('isir', models, jnp.float32, b,
                             sampler_settings('isir', num_candidates=n, candidate_chunk=ch))
         row(n, ch or isir.num_proposals(n, FLAGS.isir_iterations), c.temp_mb, c.arg_mb,
