@@ -18,10 +18,10 @@ Sampling, per sample (the seed's ``generate_diffrs.py``):
 Layout: ``slots`` lanes (default: the batch) each carry one sample at its own level. Every
 loop iteration evaluates the discriminator on all lanes (the pending test), then takes one
 EDM step on the lanes that passed it (all lanes are evaluated, unless none steps; the Heun
-stage likewise, unless no stepping lane needs it). A finished sample is written to its output row and its
-lane is refilled with the next sample of the batch. All randomness of sample b comes from
-``keys[b]`` (its n-th loop iteration uses ``fold_in(keys[b], n)``), so its result does not
-depend on the lane it ran in or on the batch.
+stage likewise, unless no stepping lane needs it). A finished sample is written to its
+output row and its lane is refilled with the next sample of the batch. All randomness of
+sample b comes from ``keys[b]`` (its n-th loop iteration uses ``fold_in(keys[b], n)``), so
+its result does not depend on the lane it ran in or on the batch.
 
 Deviations from the reference, all deliberate: a back-step never goes below level 0 (the
 reference would index ``t_{-1}``); ``nfe`` counts every denoiser evaluation spent on the
