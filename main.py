@@ -52,10 +52,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   config = _CONFIG.value
+  mode = _MODE.value or config.mode
+  if mode == 'demo' and not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)   # the demo's console: its table and progress bars
   parallel.initialize(config.distributed)
   logging.info('JAX %s', parallel.describe())
   workdir = _WORKDIR.value or os.path.join('workdir', config.name)
-  mode = _MODE.value or config.mode
   logging.info('mode %s, config %s, workdir %s', mode, config.name, workdir)
   try:
     MODES[mode](config, workdir)

@@ -1,217 +1,263 @@
-"""Sample quality of EDM, DG, DiffRS and ISIR on the bundled digits (not a test).
+"""Sample quality and cost of EDM, DG, DiffRS and ISIR on two learned digits testbeds.
 
-    python -m benchmarks.quality [--num_samples=512] [--seeds=3] [--sweep=2x1,4x1,2x2,4x2]
+    python -m benchmarks.quality [--num_samples=1000] [--seeds=5] [--testbeds=skew,natural]
+    python -m benchmarks.quality --tiny --out=/tmp/q     # seconds: the code path only
 
-Every method samples ``num_samples`` digits for each of ``seeds`` seeds (sample i of
-seed s from ``fold_in(key(s), i)``, the same keys for every method) with the demo's
-models and 18-step schedule; each run is scored by FD-digits against the 1,797 real
-digits. ISIR runs over the (N candidates x K iterations) ``sweep`` and the adaptive
-per-step (N_i, K_i) rule of the seed computed from the DiffRS thresholds. The stochastic
-EDM step that ISIR proposes from (``edm_churn``, = ISIR with N = 1) is included, so the
-effect of the selection is separated from that of the churn.
+Testbeds (``configs/digits.py``):
+  skew      the digits-skew denoiser (trained on digits with classes 0-4 four times as
+            frequent as 5-9) and its discriminator: the answer is known, plain EDM's
+            class-frequency error sits near 0.3 and a perfect correction brings it to ~0.
+  natural   the denoiser of the natural digits and its discriminator: FD-digits.
 
-Writes ``benchmarks/results/quality.md`` (FD mean +/- std over seeds, NFE/sample, wall
-seconds), ``quality.json`` (every run; a rerun resumes from it) and ``quality.png``
-(FD versus NFE). The ``data`` row scores disjoint subsets of real digits of the same
-size: the floor of FD-digits at this sample count.
+Every setting draws ``num_samples`` samples for each seed s = 0..seeds-1 through
+`isir_jax.sampling.Sampler` (the path of ``main.py --mode=sample``), sample i from
+``fold_in(key(s), i)``: the same keys for every method, so differences to EDM on the
+same seed are paired. Each metric (class-frequency error, FD-digits) is reported as its
+mean over seeds and the mean paired difference to EDM with a 95% Student-t confidence
+interval; the verdict is "better" or "worse" when the interval excludes 0, else "not
+significant". Cost per sample: denoiser evaluations, discriminator forward evaluations
+and discriminator gradients, and GFLOP from each network's XLA cost analysis
+(`benchmarks.cost`) times its count.
+
+Writes ``quality.md``, ``quality.json`` (every run; a rerun resumes from it) and one
+quality-versus-compute plot per testbed (``quality_<testbed>.png``) into ``--out``.
 """
 
 import json
-import math
 import os
+import tempfile
+import time
 
 from absl import app
 from absl import flags
 import ml_collections
 import numpy as np
-import PIL.Image
-import PIL.ImageDraw
+import scipy.stats
 
+from benchmarks import cost
+from benchmarks import plotting
 from configs import digits
 from isir_jax import demo
+from isir_jax import sampling
 from isir_jax.samplers import diffrs
-from isir_jax.samplers import isir
 from isir_jax.train import digits_data
 from isir_jax.train import feature_net as feature_net_lib
 
-_NUM_SAMPLES = flags.DEFINE_integer('num_samples', 512, 'Samples per method and seed.')
-_SEEDS = flags.DEFINE_integer('seeds', 3, 'Seeds per method (0 .. seeds-1).')
-_BATCH = flags.DEFINE_integer('batch_size', 256, 'Samples per sampler call.')
-_SWEEP = flags.DEFINE_list('sweep', ['2x1', '4x1', '4x2', '8x1'],
-                           'ISIR settings NxK (candidates x iterations).')
-_CHURN = flags.DEFINE_float('churn', 5.0, 'S_churn of the stochastic proposals.')
+_NUM_SAMPLES = flags.DEFINE_integer('num_samples', 1000, 'Samples per setting and seed.')
+_SEEDS = flags.DEFINE_integer('seeds', 5, 'Seeds per setting (0 .. seeds-1).')
+_BATCH = flags.DEFINE_integer('batch_size', 1000, 'Samples per sampler call.')
+_TESTBEDS = flags.DEFINE_list('testbeds', ['skew', 'natural'], 'Testbeds to run.')
+_ONLY = flags.DEFINE_list('only', [], 'Run only these setting labels (default: all).')
+_TINY = flags.DEFINE_bool('tiny', False, 'Tiny models, 8 samples, 2 seeds, 3 settings.')
 _OUT = flags.DEFINE_string('out', os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                'results'), 'Output directory.')
 
-
-def methods(config: ml_collections.ConfigDict, sweep: list[str], churn: float
-            ) -> dict[str, ml_collections.ConfigDict]:
-  """Label -> sampler settings of every benchmarked method."""
-  base = config.demo.samplers
-  out = {m: demo.method_settings(config, m) for m in ('edm', 'dg', 'diffrs')}
-  stoch = dict(base.isir_stochastic.to_dict(), S_churn=churn)
-  edm_churn = {k: v for k, v in stoch.items() if k not in ('num_candidates', 'num_iterations')}
-  out['edm_churn'] = ml_collections.ConfigDict(dict(edm_churn, name='edm'))
-  for item in sweep:
-    n, k = (int(v) for v in item.lower().split('x'))
-    out[f'isir N={n} K={k}'] = ml_collections.ConfigDict(
-        dict(stoch, num_candidates=n, num_iterations=k))
-  margins = diffrs.load_thresholds(config.demo.diffrs_thresholds).increment[1:]
-  n_i, k_i = isir.adaptive_schedule(margins)
-  out['isir adaptive'] = ml_collections.ConfigDict(
-      dict(stoch, num_candidates=tuple(int(v) for v in n_i),
-           num_iterations=tuple(int(v) for v in k_i)))
-  return out
-
-
-def data_floor(config, net, n: int, seeds: int) -> list[float]:
-  """FD-digits of disjoint random subsets of ``n`` real digits (as many as fit, <= seeds)."""
-  images, _ = digits_data.load_digits(config.data.path)
-  perm = np.random.default_rng(0).permutation(len(images))
-  count = min(seeds, len(images) // n)
-  return [feature_net_lib.fd_digits(net, images[perm[i * n:(i + 1) * n]], config.demo.ref_stats)
-          for i in range(count)]
+# Label -> (demo sampler section of configs/digits.py, overrides of its settings).
+CHURN = dict(S_churn=5.0, S_min=0.01, S_max=50.0, S_noise=1.0)
+SETTINGS = {
+    'edm': ('edm', {}),
+    'edm churn': ('edm', CHURN),
+    'dg w1=1': ('dg', dict(dg_weight_1st_order=1.0)),
+    'dg w1=2 (default)': ('dg', {}),
+    'dg w1=4': ('dg', dict(dg_weight_1st_order=4.0)),
+    'diffrs p=0.5': ('diffrs', dict(rej_percentile=0.5)),
+    'diffrs p=0.75 (default)': ('diffrs', dict(rej_percentile=0.75)),
+    'diffrs p=0.9': ('diffrs', dict(rej_percentile=0.9)),
+    'isir churn N=4 K=1': ('isir_stochastic', dict(num_candidates=4, num_iterations=1)),
+    'isir churn N=4 K=2': ('isir_stochastic', dict(num_candidates=4, num_iterations=2)),
+    'isir churn N=8 K=1': ('isir_stochastic', dict(num_candidates=8, num_iterations=1)),
+}
+TINY_SETTINGS = ('edm', 'dg w1=2 (default)', 'isir churn N=4 K=1')
+# Paired against this setting on the same seed.
+BASELINE = 'edm'
 
 
-def summarise(runs: dict, order: list[str]) -> list[dict]:
-  """Per method: FD mean/std over seeds, mean NFE/sample, mean sampling seconds, compile s."""
+def testbed_config(testbed: str, tiny: bool) -> ml_collections.ConfigDict:
+  arg = ','.join(['edm'] + (['natural'] if testbed == 'natural' else []) +
+                 (['tiny'] if tiny else []))
+  return digits.get_config(arg)
+
+
+def setting_config(config: ml_collections.ConfigDict, label: str, seed: int, num: int,
+                   batch: int, workdir: str) -> ml_collections.ConfigDict:
+  """The run config of one setting and seed (DiffRS thresholds at its percentile, from the
+  committed warm-up log ratios)."""
+  section, overrides = SETTINGS[label]
+  cfg = demo.method_config(config, section, seed=seed, batch_size=min(batch, num))
+  cfg.sample.num_samples = num
+  overrides = dict(overrides)
+  percentile = overrides.pop('rej_percentile', None)
+  cfg.sampler.update(overrides)
+  if percentile is not None:
+    with np.load(config.demo.diffrs_thresholds) as f:
+      log_ratios = f['warmup_log_ratios']
+    path = os.path.join(workdir, f'diffrs_thresholds_p{percentile}.npz')
+    diffrs.save_thresholds(path, diffrs.thresholds_from_log_ratios(log_ratios, percentile))
+    cfg.sampler.thresholds = path
+  return cfg
+
+
+def paired_interval(diffs: np.ndarray) -> tuple[float, float, float]:
+  """Mean and 95% Student-t confidence interval of paired differences."""
+  mean = float(np.mean(diffs))
+  if len(diffs) < 2:
+    return mean, float('nan'), float('nan')
+  half = float(scipy.stats.t.ppf(0.975, len(diffs) - 1) * np.std(diffs, ddof=1)
+               / np.sqrt(len(diffs)))
+  return mean, mean - half, mean + half
+
+
+def verdict(low: float, high: float) -> str:
+  """Lower is better for both metrics."""
+  if np.isnan(low):
+    return 'n/a'
+  return 'better' if high < 0 else 'worse' if low > 0 else 'not significant'
+
+
+def score(images: np.ndarray, net, config, reference: np.ndarray) -> dict:
+  classes = net.predict(images)
+  return dict(class_error=digits_data.class_frequency_error(classes, reference),
+              fd=feature_net_lib.fd_digits(net, images, config.demo.ref_stats))
+
+
+def summarise(runs: dict, testbed: str, labels: list[str], costs: cost.NetworkCosts
+              ) -> list[dict]:
+  """Per setting: metric means, paired differences to EDM with CIs and verdicts, costs."""
   rows = []
-  for label in order:
-    rs = [r for r in runs.values() if r['method'] == label]
+  for label in labels:
+    rs = {r['seed']: r for r in runs.values()
+          if r['testbed'] == testbed and r['label'] == label}
     if not rs:
       continue
-    fd = np.array([r['fd'] for r in rs])
-    # Paired with EDM on the same seed (same keys): removes most of the sample noise.
-    diff = np.array([r['fd'] - runs[f'edm|{r["seed"]}']['fd'] for r in rs
-                     if f'edm|{r["seed"]}' in runs])
-    rows.append(dict(method=label, fd_mean=float(fd.mean()),
-                     diff_mean=float(diff.mean()) if len(diff) else float('nan'),
-                     diff_std=float(diff.std(ddof=1)) if len(diff) > 1 else float('nan'),
-                     fd_std=float(fd.std(ddof=1)) if len(fd) > 1 else float('nan'),
-                     nfe=float(np.mean([r['nfe'] for r in rs])),
-                     seconds=float(np.mean([r['seconds'] for r in rs])),
-                     compile_s=float(rs[0].get('compile_s', float('nan'))), seeds=len(rs),
-                     extra=rs[0].get('extra', '')))
+    row = dict(label=label, seeds=len(rs))
+    for metric in ('class_error', 'fd'):
+      row[metric] = float(np.mean([r[metric] for r in rs.values()]))
+      base = {r['seed']: r[metric] for r in runs.values()
+              if r['testbed'] == testbed and r['label'] == BASELINE}
+      diffs = np.array([r[metric] - base[s] for s, r in rs.items() if s in base])
+      mean, low, high = paired_interval(diffs) if len(diffs) else (np.nan,) * 3
+      row[f'{metric}_diff'], row[f'{metric}_ci'] = mean, (low, high)
+      row[f'{metric}_verdict'] = 'baseline' if label == BASELINE else verdict(low, high)
+    for key in ('nfe', 'disc_evals', 'disc_grads'):
+      row[key] = float(np.mean([r['stats'].get(key, np.nan) for r in rs.values()]))
+    row['gflop'] = cost.gflop_per_sample(row, costs)
+    row['seconds'] = float(np.mean([r['seconds'] for r in rs.values()]))
+    row['extra'] = ', '.join(f'{k} {np.mean([r["stats"][k] for r in rs.values()]):.2f}'
+                             for k in ('ess', 'accept_rate') if k in next(iter(rs.values()))['stats'])
+    rows.append(row)
   return rows
 
 
-def write_markdown(path: str, rows: list[dict], floor: list[float], args: dict) -> None:
-  lines = ['# Sample quality on the bundled digits (FD-digits, lower is better)', '',
-           f'Command: `python -m benchmarks.quality --num_samples={args["num_samples"]} '
-           f'--seeds={args["seeds"]} --sweep={",".join(args["sweep"])}`  ',
-           f'{args["num_samples"]} samples per run, seeds 0..{args["seeds"] - 1} (the same keys '
-           'for every method), 18 Heun steps, the committed demo models; FD-digits against '
-           'all 1,797 real digits. Seconds: sampling wall time per run on this machine '
-           f'({args["machine"]}), compilation excluded and listed apart.', '',
-           '| method | FD-digits (mean ± std) | FD - FD(edm), same seed | seeds | NFE/sample | '
-           'seconds/run | compile s | notes |',
-           '|---|---|---|---|---|---|---|---|']
-  if floor:
-    lines.append(f'| data (real digits) | {np.mean(floor):.2f} ± '
-                 f'{np.std(floor, ddof=1) if len(floor) > 1 else float("nan"):.2f} | - | {len(floor)} | '
-                 '0 | - | - | '
-                 f'{len(floor)} disjoint real subsets: the floor |')
-  for r in rows:
-    lines.append(f'| {r["method"]} | {r["fd_mean"]:.2f} ± {r["fd_std"]:.2f} | '
-                 f'{r["diff_mean"]:+.2f} ± {r["diff_std"]:.2f} | {r["seeds"]} | '
-                 f'{r["nfe"]:.1f} | '
-                 f'{r["seconds"]:.1f} | {r["compile_s"]:.1f} | {r["extra"]} |')
-  lines += ['', 'NFE counts denoiser evaluations per sample; DG also takes one discriminator '
-            'gradient per step, DiffRS and ISIR one discriminator evaluation per candidate. '
-            'ISIR proposes with the stochastic step of `edm_churn` (S_churn 5, S_min 0.01, '
-            'S_max 50); ESS is the mean normalised effective sample size of its weights.', '']
-  with open(path, 'w') as f:
-    f.write('\n'.join(lines))
+def _fmt_diff(row: dict, metric: str, digits_: int) -> str:
+  if row[f'{metric}_verdict'] == 'baseline':
+    return '(baseline)'
+  low, high = row[f'{metric}_ci']
+  return (f'{row[f"{metric}_diff"]:+.{digits_}f} [{low:+.{digits_}f}, {high:+.{digits_}f}] '
+          f'{row[f"{metric}_verdict"]}')
 
 
-def plot(path: str, rows: list[dict], floor: list[float], size=(900, 600)) -> None:
-  """FD-digits versus NFE/sample (log x), one labelled point with a std bar per method."""
-  w, h = size
-  left, right, top, bottom = 70, 30, 30, 60
-  img = PIL.Image.new('RGB', size, 'white')
-  draw = PIL.ImageDraw.Draw(img)
-  xs = [math.log10(max(r['nfe'], 1.0)) for r in rows]
-  ys = [r['fd_mean'] for r in rows] + floor
-  ys_hi = [r['fd_mean'] + (0 if math.isnan(r['fd_std']) else r['fd_std']) for r in rows] + floor
-  x0, x1 = math.floor(min(xs) * 10) / 10 - 0.05, math.ceil(max(xs) * 10) / 10 + 0.05
-  y0, y1 = 0.0, max(ys_hi) * 1.1
-  px = lambda x: left + (x - x0) / (x1 - x0) * (w - left - right)
-  py = lambda y: h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom)
-  draw.rectangle([left, top, w - right, h - bottom], outline='black')
-  for e in range(0, 5):
-    for m in (1, 2, 5):
-      v = m * 10 ** e
-      if x0 <= math.log10(v) <= x1:
-        draw.line([px(math.log10(v)), h - bottom, px(math.log10(v)), h - bottom + 5], fill='black')
-        draw.text((px(math.log10(v)) - 8, h - bottom + 8), str(v), fill='black')
-  for i in range(6):
-    v = y0 + i * (y1 - y0) / 5
-    draw.line([left - 5, py(v), left, py(v)], fill='black')
-    draw.text((5, py(v) - 6), f'{v:.2f}', fill='black')
-  draw.text((w // 2 - 60, h - 25), 'NFE / sample (log)', fill='black')
-  draw.text((left + 5, 5), 'FD-digits (mean +/- std over seeds)', fill='black')
-  if floor:
-    yf = py(float(np.mean(floor)))
-    draw.line([left, yf, w - right, yf], fill=(150, 150, 150))
-    draw.text((w - right - 120, yf - 14), 'real-data floor', fill=(120, 120, 120))
-  colours = {'edm': 'black', 'dg': 'blue', 'diffrs': 'green'}
-  for r, x in zip(rows, xs):
-    c = colours.get(r['method'].split(' ')[0], 'red' if 'isir' in r['method'] else 'gray')
-    cx, cy = px(x), py(r['fd_mean'])
-    if not math.isnan(r['fd_std']):
-      draw.line([cx, py(r['fd_mean'] - r['fd_std']), cx, py(r['fd_mean'] + r['fd_std'])], fill=c)
-    draw.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=c)
-    draw.text((cx + 6, cy - 6), r['method'], fill=c)
-  img.save(path)
+def markdown(tables: dict, args: dict, notes: dict) -> str:
+  lines = ['# Sample quality and cost on the learned digits testbeds', '',
+           f'Command: `{args["command"]}`  ',
+           f'{args["num_samples"]} samples per setting and seed, seeds 0..{args["seeds"] - 1} '
+           '(the same keys for every setting), 18 steps, the committed digits models. '
+           'Differences are paired with EDM on the same seed: mean [95% t-interval] and the '
+           'verdict (lower is better; "not significant" when the interval contains 0). Cost per '
+           'sample: denoiser evaluations (NFE), discriminator forward evaluations and gradients, '
+           'and GFLOP at the digits network sizes (XLA cost analysis, `benchmarks.cost`). '
+           f'Seconds: sampling wall time per run on {args["machine"]}, shared with other work.', '']
+  for testbed, rows in tables.items():
+    lines += [f'## {testbed}', '', notes.get(testbed, ''), '',
+              '| setting | class-freq error | vs EDM | FD-digits | vs EDM | NFE | disc fwd | '
+              'disc grad | GFLOP/sample | s/run | seeds | notes |',
+              '|---|---|---|---|---|---|---|---|---|---|---|---|']
+    for r in rows:
+      lines.append(
+          f'| {r["label"]} | {r["class_error"]:.3f} | {_fmt_diff(r, "class_error", 3)} | '
+          f'{r["fd"]:.2f} | {_fmt_diff(r, "fd", 2)} | {r["nfe"]:.1f} | {r["disc_evals"]:.1f} | '
+          f'{r["disc_grads"]:.1f} | {r["gflop"]:.3f} | {r["seconds"]:.1f} | {r["seeds"]} | '
+          f'{r["extra"]} |')
+    lines.append('')
+  return '\n'.join(lines)
+
+
+def plot(path: str, rows: list[dict], metric: str, title: str) -> None:
+  points = [plotting.Point(r['label'], r['gflop'], r[metric], _group(r['label']))
+            for r in rows if np.isfinite(r['gflop'])]
+  plotting.scatter_log_x(path, points, xlabel='GFLOP / sample (log)',
+                         ylabel=f'{metric.replace("_", " ")} (mean over seeds)', title=title)
+
+
+def _group(label: str) -> str:
+  return label.split(' ')[0]
 
 
 def main(argv):
   del argv
-  import jax  # pylint: disable=g-import-not-at-top
-  config = digits.get_config()
+  tiny = _TINY.value
+  labels = [l for l in (TINY_SETTINGS if tiny else SETTINGS) if not _ONLY.value or l in _ONLY.value]
+  num, seeds = (8, 2) if tiny else (_NUM_SAMPLES.value, _SEEDS.value)
   os.makedirs(_OUT.value, exist_ok=True)
   json_path = os.path.join(_OUT.value, 'quality.json')
-  args = dict(num_samples=_NUM_SAMPLES.value, seeds=_SEEDS.value, sweep=_SWEEP.value,
+  import jax  # pylint: disable=g-import-not-at-top
+  args = dict(num_samples=num, seeds=seeds,
+              command='python -m benchmarks.quality' + (' --tiny' if tiny else
+                                                        f' --num_samples={num} --seeds={seeds}'),
               machine=f'{jax.devices()[0].device_kind}, {os.cpu_count()} cores')
   runs = {}
   if os.path.exists(json_path):
     with open(json_path) as f:
       saved = json.load(f)
-    if saved.get('args', {}).get('num_samples') == args['num_samples']:
+    if saved.get('args', {}).get('num_samples') == num:
       runs = saved['runs']
-  denoiser, discriminator, net = demo.load_models(config)
-  label_dim = int(getattr(denoiser, 'label_dim', 0) or 0)
-  todo = methods(config, _SWEEP.value, _CHURN.value)
-  floor = data_floor(config, net, _NUM_SAMPLES.value, _SEEDS.value)
-  batch = min(_BATCH.value, _NUM_SAMPLES.value)
-  compiled = {}
-  # Seed-major, so that an interrupted run still has every method at the first seeds.
-  for seed in range(_SEEDS.value):
-    for label, settings in todo.items():
-      if f'{label}|{seed}' in runs:
-        continue
-      if label not in compiled:
-        compiled[label] = demo.compile_sampler(settings, denoiser, discriminator, batch)
-      fn, compile_s = compiled[label]
-      images, stats, seconds = demo.draw(fn, label_dim, seed, _NUM_SAMPLES.value, batch)
-      extra = []
-      if 'ess' in stats:
-        extra.append(f'ESS {float(np.mean(stats["ess"])):.2f}')
-      if 'accept_rate' in stats:
-        extra.append(f'accept {float(np.mean(stats["accept_rate"])):.2f}')
-      run = dict(method=label, seed=seed, nfe=float(stats['nfe'].mean()), seconds=seconds,
-                 fd=feature_net_lib.fd_digits(net, images, config.demo.ref_stats),
-                 compile_s=compile_s, extra=', '.join(extra))
-      runs[f'{label}|{seed}'] = run
-      print(f'{label} seed {seed}: FD {run["fd"]:.3f}, NFE {run["nfe"]:.1f}, {seconds:.1f} s',
-            flush=True)
-      with open(json_path + '.tmp', 'w') as f:
-        json.dump({'args': args, 'runs': runs}, f, indent=1)
-      os.replace(json_path + '.tmp', json_path)
-    rows = summarise(runs, list(todo))
-    write_markdown(os.path.join(_OUT.value, 'quality.md'), rows, floor, args)
-    plot(os.path.join(_OUT.value, 'quality.png'), rows, floor)
-  print(open(os.path.join(_OUT.value, 'quality.md')).read())
+  tables, notes = {}, {}
+  workdir = tempfile.mkdtemp(prefix='quality-')
+  for testbed in _TESTBEDS.value:
+    config = testbed_config(testbed, tiny)
+    denoiser, discriminator, net = demo.load_models(config)
+    costs = cost.digits_costs(denoiser, discriminator)
+    reference = demo.reference_frequencies(config)
+    # Seed-major, so that an interrupted run still has every setting at the first seeds.
+    for seed in range(seeds):
+      for label in labels:
+        key = f'{testbed}|{label}|{seed}'
+        if key in runs:
+          continue
+        cfg = setting_config(config, label, seed, num, _BATCH.value, workdir)
+        sampler = sampling.Sampler(cfg, (denoiser, discriminator), workdir)
+        t0 = time.perf_counter()
+        images, stats, _ = sampler.draw(0, num, progress=f'{testbed} {label} seed {seed}')
+        seconds = time.perf_counter() - t0
+        run = dict(testbed=testbed, label=label, seed=seed, seconds=seconds,
+                   stats={k: float(np.mean(v)) for k, v in stats.items()},
+                   **score(images, net, config, reference))
+        runs[key] = run
+        print(f'{key}: class error {run["class_error"]:.3f}, FD {run["fd"]:.2f}, '
+              f'{sampling.format_stats(stats)}, {seconds:.1f} s', flush=True)
+        tmp = json_path + '.tmp'
+        with open(tmp, 'w') as f:
+          json.dump({'args': args, 'runs': runs}, f, indent=1)
+        os.replace(tmp, json_path)
+    tables[testbed] = summarise(runs, testbed, labels, costs)
+    notes[testbed] = discriminator_note(config)
+    metric = 'class_error' if testbed == 'skew' else 'fd'
+    plot(os.path.join(_OUT.value, f'quality_{testbed}.png'), tables[testbed], metric,
+         f'digits-{testbed}: {metric} vs compute')
+  text = markdown(tables, args, notes)
+  with open(os.path.join(_OUT.value, 'quality.md'), 'w') as f:
+    f.write(text)
+  print(text)
+
+
+def discriminator_note(config: ml_collections.ConfigDict) -> str:
+  """One line on the testbed's discriminator: its held-out accuracy and BCE."""
+  with open(os.path.join(config.model.discriminator, 'config.json')) as f:
+    report = json.load(f).get('training', {})
+  if 'heldout_accuracy' not in report:
+    return 'Discriminator: no held-out metrics recorded.'
+  return (f'Discriminator: {report["num_real"]} real vs {report["num_generated"]} generated '
+          f'digits, {report["heldout_fraction"]:.0%} held out; held-out accuracy '
+          f'{report["heldout_accuracy"]:.3f}, BCE {report["heldout_bce"]:.4f} (log 2 = 0.6931).')
 
 
 if __name__ == '__main__':

@@ -19,9 +19,13 @@ import os
 import ml_collections
 
 from configs import default
+from isir_jax.train import digits_data
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       'isir_jax', 'assets', 'digits')
+# digits-skew: a denoiser trained on a class-skewed resampling of the digits (classes 0-4
+# four times as frequent as 5-9) and its discriminator against the real, balanced digits.
+SKEW_ASSETS = os.path.join(ASSETS, 'skew')
 
 
 def _encoder(**kw) -> ml_collections.ConfigDict:
@@ -32,8 +36,12 @@ def _encoder(**kw) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(base, **kw))
 
 
-def train_config() -> ml_collections.ConfigDict:
-  """``config.train``: one section per trainer (architecture, optimiser, output dir)."""
+def train_config(models: str) -> ml_collections.ConfigDict:
+  """``config.train``: one section per trainer (architecture, optimiser, output dir).
+
+  ``models`` is the directory of the denoiser, discriminator and thresholds of the chosen
+  testbed (`ASSETS` or `SKEW_ASSETS`); the classifier and the feature net are shared.
+  """
   t = ml_collections.ConfigDict()
 
   t.feature_net = ml_collections.ConfigDict(dict(
@@ -44,8 +52,9 @@ def train_config() -> ml_collections.ConfigDict:
 
   # EDM (Karras et al. 2022): P_mean -1.2, P_std 1.2, sigma_data 0.5; EMA of the weights.
   t.denoiser = ml_collections.ConfigDict(dict(
-      out=os.path.join(ASSETS, 'denoiser'),
+      out=os.path.join(models, 'denoiser'),
       conditional=False,           # class-conditional denoiser (label_dim 10)
+      class_weights=None,          # per-class resampling weights (digits-skew), None: as is
       model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,),
       p_mean=-1.2, p_std=1.2, sigma_data=0.5,
       num_steps=4000, batch_size=64, lr=2e-3, warmup_steps=200, ema_decay=0.999,
@@ -61,16 +70,19 @@ def train_config() -> ml_collections.ConfigDict:
 
   # DG's train.py: Adam 3e-4, weight decay 1e-7, BCE, importance-sampled VP time.
   t.discriminator = ml_collections.ConfigDict(dict(
-      out=os.path.join(ASSETS, 'discriminator'),
+      out=os.path.join(models, 'discriminator'),
       classifier=os.path.join(ASSETS, 'classifier'),  # or a converted 32x32_classifier.pt dir
       real_data=os.path.join(ASSETS, 'digits.npz'),   # or DG's true_data.npz (uint8 NHWC)
       gen_dir='workdir/digits-gen',                   # samples_*.npz of the model to correct
-      num_data=1797,               # cap on real and on generated images (DG: 50000)
+      num_data=12000,              # cap on real and on generated images (DG: 50000)
+      heldout=0.1,                 # fraction of each set held out for early stopping
+      heldout_repeats=4,           # noise draws per held-out image
+      eval_every=250, patience=6,  # held-out BCE period; stop after 6 without improvement
       conditional=False,
       head=_encoder(image_size=4, in_channels=64, model_channels=32, out_channels=1,
                     channel_mult=(1,), attention_resolutions=(1,), num_classes=10),
       importance=True,
-      num_steps=2000, batch_size=64, lr=3e-4, weight_decay=1e-7,
+      num_steps=10000, batch_size=64, lr=3e-4, weight_decay=1e-7,
       ckpt_every=1000, log_every=100))
   return t
 
@@ -97,13 +109,18 @@ def demo_samplers() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None):
-  method, flags = default.parse_arg(arg, 'configs/digits.py', ('all', 'tiny'),
+  method, flags = default.parse_arg(arg, 'configs/digits.py', ('all', 'tiny', 'natural'),
                                     'isir_stochastic')
+  # The testbed: digits-skew (default: its error is known, class frequencies) or the
+  # model of the natural digits (`natural`).
+  testbed = 'natural' if 'natural' in flags else 'skew'
+  models = ASSETS if testbed == 'natural' else SKEW_ASSETS
   config = default.get_config()
-  config.name = f'digits-{method}'
+  config.name = f'digits-{method}' if testbed == 'natural' else f'digits-skew-{method}'
   config.mode = 'demo'            # `python main.py` = the demo table; --mode=sample for one method
-  config.model.denoiser = os.path.join(ASSETS, 'denoiser')
-  config.model.discriminator = os.path.join(ASSETS, 'discriminator')   # unused by edm
+  config.testbed = testbed
+  config.model.denoiser = os.path.join(models, 'denoiser')
+  config.model.discriminator = os.path.join(models, 'discriminator')   # unused by edm
   config.sampler = default.sampler_config(method)
   config.sample.num_samples = 64
   config.sample.batch_size = 64
@@ -113,21 +130,27 @@ def get_config(arg: str | None = None):
 
   config.demo = ml_collections.ConfigDict()
   config.demo.methods = (('edm', 'dg', 'diffrs', 'isir_stochastic') if 'all' in flags
-                         else ('edm', 'isir_stochastic'))
-  config.demo.num_samples = 64
+                         else ('edm', 'dg', 'isir_stochastic'))
+  config.demo.num_samples = 1000        # per method, one batch (the 2-minute budget)
+  config.demo.min_fd_samples = 1000     # FD-digits is shown from this many samples on
+  config.demo.grid_samples = 400        # digits per PNG grid, sorted by predicted class
   config.demo.xla_cache = 'workdir/xla_cache'   # persistent compilation cache ('' disables)
   config.demo.feature_net = os.path.join(ASSETS, 'feature_net')
   config.demo.ref_stats = os.path.join(ASSETS, 'feature_stats.npz')
-  config.demo.diffrs_thresholds = os.path.join(ASSETS, 'diffrs_thresholds.npz')
+  config.demo.diffrs_thresholds = os.path.join(models, 'diffrs_thresholds.npz')
   config.demo.rej_percentile = 0.75     # DiffRS warm-up quantile behind diffrs_thresholds
   config.demo.warmup_samples = 512      # warm-up samples of EDM for the DiffRS thresholds
   config.demo.samplers = demo_samplers()
 
-  config.train = train_config()
+  config.train = train_config(models)
+  if testbed == 'skew':
+    config.train.denoiser.class_weights = digits_data.SKEW_WEIGHTS
+    config.train.discriminator.gen_dir = 'workdir/digits-skew-gen'
   if 'tiny' in flags:
     default.apply_tiny(config)
     apply_tiny_training(config.train)
     config.demo.num_samples = 8       # the samplers keep 18 steps (the DiffRS thresholds' length)
+    config.demo.grid_samples = 8
     config.demo.warmup_samples = 8
   return config
 

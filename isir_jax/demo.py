@@ -1,129 +1,96 @@
-"""The bundled digits demo: sample with EDM and ISIR (DG, DiffRS), score FD-digits, print a table.
+"""The bundled digits demo: the correction made visible on a learned model with a known error.
 
-``python main.py --config=configs/digits.py --mode=demo`` loads the committed models
-under ``isir_jax/assets/digits/``, draws ``config.demo.num_samples`` digits with each
-method of ``config.demo.methods`` (``configs/digits.py:all`` for all four), writes one
-PNG grid per method into the workdir and prints one row per method: FD-digits (Frechet distance of the
-clean-digit classifier's features to those of the 1,797 real digits), denoiser
-evaluations per sample, and the compile and sampling seconds.
+``python main.py`` (``--config=configs/digits.py``, mode ``demo``) samples the digits-skew
+denoiser, trained on digits whose classes 0-4 are 4x as frequent as 5-9, with every
+method of ``config.demo.methods`` and prints one row per method: the class-frequency
+error (total-variation distance of the sample's predicted class histogram to the real
+one; plain EDM inherits about 0.3 from its training set) with its bootstrap standard
+error, FD-digits when the sample is large enough for it to mean something, the cost
+per sample, and the compile and sampling seconds. Each method writes a PNG grid of its
+digits sorted by predicted class, so the eye sees the class balance change.
 
-With 64 samples FD-digits is a biased, noisy estimate; the ``data`` row (64 real
-digits) shows its floor. ``python -m benchmarks.quality`` compares the methods
-with enough samples and seeds to tell them apart.
+Every method draws through `isir_jax.sampling.Sampler`, the path of
+``main.py --mode=sample``: same keys, labels, thresholds and checks.
+``python -m benchmarks.quality`` compares the methods over seeds with confidence intervals.
 """
 
 import dataclasses
 import os
 import time
-from typing import Any, Optional
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import PIL.Image
 
 from isir_jax import io
-from isir_jax import samplers
+from isir_jax import sampling
+from isir_jax.samplers import diffrs
 from isir_jax.train import digits_data
 from isir_jax.train import feature_net as feature_net_lib
 
-# Settings the demo consumes itself; the rest of a method's section goes to the sampler.
-_DEMO_KEYS = ('name',)
 _PNG_SCALE = 4   # nearest-neighbour upscaling of the 8x8 digits in the PNG grids
+_BOOTSTRAP = 1000  # resamples behind the class-frequency error's standard error
 
 
 @dataclasses.dataclass
 class Result:
-  """One method's run: images and the numbers of the table."""
+  """One method's run: images, predicted classes and the numbers of the table."""
   method: str
   images: np.ndarray
-  fd: float
-  nfe: float
+  classes: np.ndarray
+  class_error: float
+  class_error_se: float
+  fd: float            # nan below config.demo.min_fd_samples
+  stats: dict
   compile_s: float
   sample_s: float
-  stats: dict
 
 
-def sample_keys(seed: int, start: int, count: int) -> jax.Array:
-  """Per-sample keys ``fold_in(key(seed), i)`` for ``i = start .. start + count - 1``."""
-  base = jax.random.key(seed)
-  return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(start, start + count))
-
-
-def class_labels(label_dim: int, start: int, count: int) -> Optional[np.ndarray]:
-  """Cyclic one-hot labels ``i % label_dim`` for a conditional model, else None."""
-  if not label_dim:
-    return None
-  return np.eye(label_dim, dtype=np.float32)[np.arange(start, start + count) % label_dim]
-
-
-def method_settings(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
-  """Sampler settings of a demo method; DiffRS gets ``config.demo.diffrs_thresholds``."""
+def method_config(config: ml_collections.ConfigDict, method: str, *,
+                  seed: int | None = None, batch_size: int | None = None
+                  ) -> ml_collections.ConfigDict:
+  """``config`` with ``config.sampler`` = the demo method's settings (DiffRS with the
+  committed thresholds), the demo's sample count as batch, optionally another seed."""
+  out = ml_collections.ConfigDict(config.to_dict())
   settings = ml_collections.ConfigDict(config.demo.samplers[method].to_dict())
   if settings.name == 'diffrs':
     settings.thresholds = config.demo.diffrs_thresholds
-  return settings
+  out.sampler = settings
+  out.name = f'{config.name}-{method}'
+  out.sample.num_samples = config.demo.num_samples
+  out.sample.batch_size = batch_size or config.demo.num_samples
+  if seed is not None:
+    out.seed = seed
+  return out
 
 
-def build_sampler(settings: ml_collections.ConfigDict, denoiser, discriminator) -> Any:
-  """The jitted ``sample_fn(keys, class_labels)`` of one method's sampler settings."""
-  rest = {k: v for k, v in settings.items() if k not in _DEMO_KEYS}
-  rest = {k: tuple(v) if isinstance(v, list) else v for k, v in rest.items()}
-  shape = (denoiser.img_resolution, denoiser.img_resolution, denoiser.img_channels)
-  disc = discriminator if settings.name != 'edm' else None
-  fn = samplers.get_sampler(settings.name)(denoiser, disc, shape=shape, **rest)
-  return jax.jit(lambda keys, labels: fn(keys, labels))
+def load_models(config: ml_collections.ConfigDict):
+  """(denoiser, discriminator, feature net) of the demo config, with one-line errors."""
+  return (*sampling.load_models(config, with_discriminator=True),
+          feature_net_lib.load_feature_net(config.demo.feature_net))
 
 
-def compile_sampler(settings: ml_collections.ConfigDict, denoiser, discriminator,
-                    batch: int) -> tuple[Any, float]:
-  """Ahead-of-time compiled sampler for batches of ``batch`` and the seconds it took."""
-  fn = build_sampler(settings, denoiser, discriminator)
-  label_dim = int(getattr(denoiser, 'label_dim', 0) or 0)
-  t0 = time.perf_counter()
-  compiled = fn.lower(sample_keys(0, 0, batch), class_labels(label_dim, 0, batch)).compile()
-  return compiled, time.perf_counter() - t0
+def reference_frequencies(config: ml_collections.ConfigDict) -> np.ndarray:
+  """Class frequencies of the real digits: the target of the class-frequency error."""
+  return digits_data.class_frequencies(digits_data.load_digits(config.data.path)[1])
 
 
-def draw(compiled, label_dim: int, seed: int, num_samples: int, batch: int
-         ) -> tuple[np.ndarray, dict, float]:
-  """Samples ``num_samples`` images (sample i from ``fold_in(key(seed), i)``) in batches.
-
-  Returns:
-    ``(images, per-sample stats, seconds)``; raises on non-finite samples.
-  """
-  images, stats = [], []
-  t0 = time.perf_counter()
-  for start in range(0, num_samples, batch):
-    count = min(batch, num_samples - start)
-    x, st = compiled(sample_keys(seed, start, batch), class_labels(label_dim, start, batch))
-    images.append(np.asarray(x)[:count])
-    stats.append({k: np.asarray(v)[:count] for k, v in st.items()})
-  seconds = time.perf_counter() - t0
-  images = np.concatenate(images)
-  stats = {k: np.concatenate([s[k] for s in stats]) for k in stats[0]}
-  finite = np.isfinite(images).reshape(len(images), -1).all(axis=1)
-  if not finite.all():
-    raise FloatingPointError(f'seed {seed}: {int((~finite).sum())} non-finite samples at '
-                             f'indices {np.flatnonzero(~finite)[:20].tolist()}')
-  return images, stats, seconds
+def class_error(classes: np.ndarray, reference: np.ndarray, seed: int = 0
+                ) -> tuple[float, float]:
+  """Class-frequency error of predicted classes and its bootstrap standard error."""
+  err = digits_data.class_frequency_error(classes, reference)
+  rng = np.random.default_rng(seed)
+  boot = [digits_data.class_frequency_error(rng.choice(classes, len(classes)), reference)
+          for _ in range(_BOOTSTRAP)]
+  return err, float(np.std(boot, ddof=1))
 
 
-def run_method(method: str, settings: ml_collections.ConfigDict, denoiser, discriminator,
-               net: feature_net_lib.FeatureNet, ref_stats: str, num_samples: int,
-               seed: int) -> Result:
-  """Samples ``num_samples`` images with one method (one batch) and scores them."""
-  compiled, compile_s = compile_sampler(settings, denoiser, discriminator, num_samples)
-  label_dim = int(getattr(denoiser, 'label_dim', 0) or 0)
-  images, stats, sample_s = draw(compiled, label_dim, seed, num_samples, num_samples)
-  fd = feature_net_lib.fd_digits(net, images, ref_stats)
-  return Result(method, images, fd, float(stats['nfe'].mean()), compile_s, sample_s, stats)
-
-
-def save_grid(path: str, images: np.ndarray, scale: int = _PNG_SCALE) -> None:
-  """Writes EDM-scale images as one PNG grid, upscaled ``scale`` times (nearest)."""
+def save_grid(path: str, images: np.ndarray, order: np.ndarray | None = None,
+              scale: int = _PNG_SCALE) -> None:
+  """Writes EDM-scale images (in ``order``) as one PNG grid, upscaled ``scale`` times."""
+  images = images if order is None else images[order]
   grid = io.image_grid(io.to_uint8(images))
   if grid.shape[-1] == 1:
     grid = grid[..., 0]
@@ -132,42 +99,53 @@ def save_grid(path: str, images: np.ndarray, scale: int = _PNG_SCALE) -> None:
   io.atomic_write(path, lambda f: img.save(f, format='PNG'))
 
 
-def format_table(rows: list[Result], data_fd: float, num_samples: int) -> str:
+def run_method(config: ml_collections.ConfigDict, method: str, models, net, reference,
+               workdir: str) -> Result:
+  """Samples the demo's digits with one method through the driver's `Sampler`; scores them."""
+  cfg = method_config(config, method)
+  sampler = sampling.Sampler(cfg, models, workdir)
+  compile_s = sampler.compile()
+  t0 = time.perf_counter()
+  images, stats, _ = sampler.draw(0, cfg.sample.num_samples, progress=f'sampling {method}')
+  sample_s = time.perf_counter() - t0
+  classes = net.predict(images)
+  err, se = class_error(classes, reference, cfg.seed)
+  fd = (feature_net_lib.fd_digits(net, images, config.demo.ref_stats)
+        if len(images) >= config.demo.min_fd_samples else float('nan'))
+  return Result(method, images, classes, err, se, fd, stats, compile_s, sample_s)
+
+
+def format_table(rows: list[Result], data_row: Result, num_samples: int) -> str:
   """The demo's table as aligned text."""
-  lines = [f'{"method":<18} {"FD-digits":>9} {"NFE/sample":>10} {"compile s":>9} '
-           f'{"sample s":>8}  extra',
-           f'{"data (real)":<18} {data_fd:>9.2f} {0:>10} {"-":>9} {"-":>8}  '
-           f'{num_samples} random real digits: the floor (and noise) of FD-digits at this count']
-  for r in rows:
-    extra = []
-    if 'ess' in r.stats:
-      extra.append(f'ESS {float(np.mean(r.stats["ess"])):.2f}')
-    if 'accept_rate' in r.stats:
-      extra.append(f'accept {float(np.mean(r.stats["accept_rate"])):.2f}')
-    lines.append(f'{r.method:<18} {r.fd:>9.2f} {r.nfe:>10.1f} {r.compile_s:>9.1f} '
-                 f'{r.sample_s:>8.1f}  {", ".join(extra)}')
+  show_fd = not np.isnan(data_row.fd)
+  head = f'{"method":<18} {"class-freq error":>17}' + (f' {"FD-digits":>9}' if show_fd else '')
+  lines = [head + f' {"sample s":>8} {"compile s":>9}  cost per sample, stats']
+  for r in [data_row] + rows:
+    line = f'{r.method:<18} {r.class_error:>8.3f} ± {r.class_error_se:.3f}'
+    if show_fd:
+      line += f' {r.fd:>9.2f}'
+    line += (f' {r.sample_s:>8.1f} {r.compile_s:>9.1f}  {sampling.format_stats(r.stats)}'
+             if r.stats else f' {"-":>8} {"-":>9}  real digits (classifier error only)')
+    lines.append(line)
+  lines.append(f'{num_samples} samples per method (same keys); class-frequency error = total '
+               'variation between predicted class histogram and the real digits\' (± bootstrap '
+               'SE); classes by the clean-digit classifier.')
+  if not show_fd:
+    lines.append('FD-digits is left out: at this sample count its bias and noise exceed the '
+                 'differences between methods (python -m benchmarks.quality measures it).')
   return '\n'.join(lines)
 
 
-def load_models(config: ml_collections.ConfigDict):
-  """(denoiser, discriminator, feature net) of the demo config."""
-  from isir_jax import denoiser as denoiser_lib  # pylint: disable=g-import-not-at-top
-  from isir_jax import discriminator as disc_lib  # pylint: disable=g-import-not-at-top
-  for key in ('denoiser', 'discriminator'):
-    path = getattr(config.model, key)
-    if not os.path.isfile(os.path.join(path, 'config.json')):
-      raise FileNotFoundError(f'config.model.{key}={path}: no trained model there; train it '
-                              f'with main.py --config=configs/digits.py --mode=train_{key}')
-  return (denoiser_lib.load_denoiser(config.model.denoiser),
-          disc_lib.load_discriminator(config.model.discriminator),
-          feature_net_lib.load_feature_net(config.demo.feature_net))
-
-
-def data_fd(config: ml_collections.ConfigDict, net, num_samples: int) -> float:
-  """FD-digits of ``num_samples`` random real digits (the floor of the estimate)."""
+def data_result(config: ml_collections.ConfigDict, net, reference, num_samples: int) -> Result:
+  """The real digits scored like a method: the floor of both metrics at this count."""
   images, _ = digits_data.load_digits(config.data.path)
-  idx = np.random.default_rng(config.seed).choice(len(images), num_samples, replace=False)
-  return feature_net_lib.fd_digits(net, images[idx], config.demo.ref_stats)
+  idx = np.random.default_rng(config.seed).choice(len(images), min(num_samples, len(images)),
+                                                  replace=False)
+  classes = net.predict(images[idx])
+  err, se = class_error(classes, reference, config.seed)
+  fd = (feature_net_lib.fd_digits(net, images[idx], config.demo.ref_stats)
+        if num_samples >= config.demo.min_fd_samples else float('nan'))
+  return Result('data (real)', images[idx], classes, err, se, fd, {}, 0.0, 0.0)
 
 
 def demo(config: ml_collections.ConfigDict, workdir: str) -> list[Result]:
@@ -177,42 +155,36 @@ def demo(config: ml_collections.ConfigDict, workdir: str) -> list[Result]:
     jax.config.update('jax_compilation_cache_dir', config.demo.xla_cache)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   denoiser, discriminator, net = load_models(config)
+  reference = reference_frequencies(config)
   os.makedirs(workdir, exist_ok=True)
-  n = config.demo.num_samples
   rows = []
   for method in config.demo.methods:
-    logging.info('demo: sampling %d digits with %s', n, method)
-    r = run_method(method, method_settings(config, method), denoiser, discriminator, net,
-                   config.demo.ref_stats, n, config.seed)
-    save_grid(os.path.join(workdir, f'digits_{method}.png'), r.images)
+    r = run_method(config, method, (denoiser, discriminator), net, reference, workdir)
+    order = np.argsort(r.classes[:config.demo.grid_samples], kind='stable')
+    save_grid(os.path.join(workdir, f'digits_{method}.png'),
+              r.images[:config.demo.grid_samples], order)
     rows.append(r)
-  table = format_table(rows, data_fd(config, net, n), n)
+  table = format_table(rows, data_result(config, net, reference, config.demo.num_samples),
+                       config.demo.num_samples)
   print(table)
-  print(f'PNG grids: {os.path.join(workdir, "digits_<method>.png")}')
-  with open(os.path.join(workdir, 'demo_table.txt'), 'w') as f:
-    f.write(table + '\n')
+  print(f'PNG grids (sorted by predicted class): {os.path.join(workdir, "digits_<method>.png")}')
+  io.atomic_write(os.path.join(workdir, 'demo_table.txt'), lambda f: f.write(table.encode()))
   return rows
 
 
 def diffrs_thresholds(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Estimates the demo's DiffRS thresholds from an EDM warm-up and writes them.
-
-  ``config.demo.warmup_samples`` plain samples (keys from ``seed + 1``, disjoint from
-  the demo's) record the log ratio at every level; the ``config.demo.rej_percentile``
-  quantiles become the thresholds, saved to ``config.demo.diffrs_thresholds``.
-  """
+  """Estimates the demo model's DiffRS thresholds with the driver's warm-up and writes them
+  to ``config.demo.diffrs_thresholds`` (``config.demo.warmup_samples`` EDM samples, the
+  ``config.demo.rej_percentile`` quantiles)."""
+  cfg = method_config(config, 'diffrs')
+  cfg.sampler.thresholds = ''
+  cfg.sampler.rej_percentile = config.demo.rej_percentile
+  cfg.sampler.warmup_samples = config.demo.warmup_samples
+  cfg.sample.batch_size = min(config.demo.warmup_samples, 1000)
   del workdir  # the thresholds are an asset of the config
-  from isir_jax.samplers import diffrs  # pylint: disable=g-import-not-at-top
-  denoiser, discriminator, _ = load_models(config)
-  settings = config.demo.samplers.diffrs
-  step = {k: settings[k] for k in ('num_steps', 'sigma_min', 'sigma_max', 'rho')}
-  shape = (denoiser.img_resolution, denoiser.img_resolution, denoiser.img_channels)
-  n = config.demo.warmup_samples
-  labels = class_labels(int(getattr(denoiser, 'label_dim', 0) or 0), 0, n)
-  thresholds, log_ratios = diffrs.estimate_thresholds(
-      denoiser, discriminator, sample_keys(config.seed + 1, 0, n), labels, shape=shape,
-      rej_percentile=config.demo.rej_percentile, **step)
+  denoiser, discriminator = sampling.load_models(cfg)
+  thresholds, log_ratios = sampling.warmup_thresholds(cfg, denoiser, discriminator)
   diffrs.save_thresholds(config.demo.diffrs_thresholds, thresholds, log_ratios)
-  logging.info('DiffRS thresholds from %d warm-up samples: M %s, M2 %s', n,
-               np.round(thresholds.log_ratio, 2).tolist(),
+  logging.info('DiffRS thresholds from %d warm-up samples: M %s, M2 %s',
+               config.demo.warmup_samples, np.round(thresholds.log_ratio, 2).tolist(),
                np.round(thresholds.increment, 2).tolist())

@@ -150,6 +150,20 @@ class ShardedSampler:
     """The global [self.rows, ...] array of host data, sharded over the batch axis."""
     return jax.make_array_from_callback(rows.shape, self._batch, lambda index: rows[index])
 
+  def _inputs(self, base: jax.Array, start: int, class_labels: Optional[np.ndarray]):
+    """The compiled program's arguments for the indices ``start ..``."""
+    indices = self._global(np.arange(start, start + self.rows, dtype=np.uint32))
+    labels = None
+    if class_labels is not None:
+      # Padding rows repeat the last label; their outputs are dropped.
+      rows = np.minimum(np.arange(self.rows), len(class_labels) - 1)
+      labels = self._global(np.asarray(class_labels, np.float32)[rows])
+    return self._arrays, jax.random.key_data(base), indices, labels
+
+  def compile(self, class_labels: Optional[np.ndarray] = None) -> None:
+    """Compiles the program ahead of the first call (labels: any batch's, or None)."""
+    self._run = self._run.lower(*self._inputs(jax.random.key(0), 0, class_labels)).compile()
+
   def __call__(self, base: jax.Array, start: int,
                class_labels: Optional[np.ndarray]) -> Any:
     """Samples the global indices ``start .. start + batch_size - 1``.
@@ -162,13 +176,7 @@ class ShardedSampler:
     Returns:
       The sampler's outputs as numpy arrays with ``batch_size`` rows, on every process.
     """
-    indices = self._global(np.arange(start, start + self.rows, dtype=np.uint32))
-    labels = None
-    if class_labels is not None:
-      # Padding rows repeat the last label; their outputs are dropped.
-      rows = np.minimum(np.arange(self.rows), len(class_labels) - 1)
-      labels = self._global(np.asarray(class_labels, np.float32)[rows])
-    out = self._run(self._arrays, jax.random.key_data(base), indices, labels)
+    out = self._run(*self._inputs(base, start, class_labels))
     if jax.process_count() > 1:
       out = multihost_utils.process_allgather(out, tiled=True)
     return jax.tree_util.tree_map(lambda a: np.asarray(a)[:self.batch_size], out)

@@ -5,121 +5,23 @@ input (model directories, conditioning, workdir, reference statistics) runs befo
 any sampling or feature extraction and raises `RunError` with a one-line message.
 """
 
-import dataclasses
 import json
 import math
 import os
 import time
-from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from isir_jax import checkpoints
+from isir_jax import fid
 from isir_jax import io
 from isir_jax import parallel
-
-# config.sampler keys that the driver consumes; the rest go to the sampler factory.
-_DRIVER_SAMPLER_KEYS = ('name', 'rej_percentile', 'warmup_samples', 'thresholds')
-DIFFRS_THRESHOLDS_NAME = 'diffrs_thresholds.npz'   # warm-up result, reused on resume
-# Per-sample sampler statistics reported in the shard log line, with their labels.
-_LOGGED_STATS = (('nfe', 'NFE/sample'), ('ess', 'ESS'), ('accept_rate', 'accept'))
-
-
-# config.model.dtype -> compute dtype of the networks (their weights stay float32).
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-
-
-class RunError(Exception):
-  """A problem with the user's input, reported as one line before any work starts."""
-
-
-# ----------------------------------------------------------------------------- models
-
-
-def _check_model_dir(key: str, directory: str) -> None:
-  """Checks that ``config.model.<key>`` is a converted model directory."""
-  if not directory:
-    raise RunError(f'config.model.{key} is empty; set it to a converted model directory')
-  if not os.path.isdir(directory):
-    raise RunError(f'config.model.{key}={directory}: no such directory')
-  if not os.path.isfile(os.path.join(directory, checkpoints.CONFIG_NAME)):
-    raise RunError(
-        f'config.model.{key}={directory}: not a converted model directory '
-        f'(no {checkpoints.CONFIG_NAME}); convert the checkpoint first with '
-        'python -m checkpoints_convert.<family>')
-
-
-def _load(key: str, loader: Callable, directory: str):
-  """Runs a model loader, turning its errors (e.g. a wrong model family) into one line."""
-  try:
-    return loader(directory)
-  except (OSError, ValueError, KeyError) as e:
-    raise RunError(f'config.model.{key}={directory}: {e}') from None
-
-
-def _uses_discriminator(config: ml_collections.ConfigDict) -> bool:
-  return config.sampler.name != 'edm'
-
-
-def load_models(config: ml_collections.ConfigDict) -> tuple[Any, Optional[Any]]:
-  """Returns ``(denoiser, discriminator or None)`` for ``config.model``.
-
-  Raises:
-    RunError: on a missing, unconverted or wrong-family model directory, a bad
-      ``config.model.dtype``, or when the networks' conditioning does not match
-      ``config.model.conditional``.
-  """
-  needs_disc = _uses_discriminator(config)
-  if config.model.dtype not in _DTYPES:
-    raise RunError(f'config.model.dtype must be one of {sorted(_DTYPES)}, '
-                   f'got {config.model.dtype!r}')
-  if config.model.kind == 'testbed':
-    # The exact 8x8x1 Gaussian-mixture testbed: the wrong mixture's denoiser is the
-    # "pretrained model", the exact log density ratio is the discriminator.
-    from isir_jax import testbed  # pylint: disable=g-import-not-at-top
-    bed = testbed.make_testbed('gmm64')
-    denoiser, discriminator = bed.model_denoiser, bed.discriminator
-  elif config.model.kind == 'checkpoint':
-    _check_model_dir('denoiser', config.model.denoiser)
-    if needs_disc:
-      _check_model_dir('discriminator', config.model.discriminator)
-    from isir_jax import denoiser as denoiser_lib  # pylint: disable=g-import-not-at-top
-    from isir_jax import discriminator as disc_lib  # pylint: disable=g-import-not-at-top
-    dtype = _DTYPES[config.model.dtype]
-    denoiser = _load('denoiser', lambda d: denoiser_lib.load_denoiser(d, dtype),
-                     config.model.denoiser)
-    discriminator = None
-    if needs_disc:
-      discriminator = _load('discriminator', lambda d: disc_lib.load_discriminator(d, dtype),
-                            config.model.discriminator)
-  else:
-    raise RunError(f"config.model.kind={config.model.kind!r}: expected 'checkpoint' or 'testbed'")
-  _check_conditioning(config, denoiser, discriminator if needs_disc else None)
-  return denoiser, (discriminator if needs_disc else None)
-
-
-def _label_dim(denoiser) -> int:
-  return int(getattr(denoiser, 'label_dim', 0) or 0)
-
-
-def _check_conditioning(config, denoiser, discriminator) -> None:
-  """Refuses a conditional config with unconditional networks, and vice versa."""
-  want = bool(config.model.conditional)
-  nets = [('denoiser', _label_dim(denoiser) > 0)]
-  if discriminator is not None:
-    head = getattr(discriminator, 'head', None)
-    nets.append(('discriminator', bool(getattr(head, 'num_classes', 0))))
-  for key, conditional in nets:
-    if conditional != want:
-      path = getattr(config.model, key) or config.model.kind
-      raise RunError(
-          f'config.model.conditional={want} but config.model.{key}={path} is '
-          f'{"" if conditional else "un"}conditional; use the matching network or config')
+from isir_jax import sampling
+from isir_jax import testbed
+from isir_jax.sampling import RunError
 
 
 # ----------------------------------------------------------------------------- sample
@@ -158,69 +60,6 @@ def _check_workdir(workdir: str) -> None:
     raise RunError(str(e)) from None
 
 
-def _diffrs_thresholds(config, denoiser, discriminator, workdir: str, settings: dict):
-  """DiffRS thresholds: ``config.sampler.thresholds``, the workdir's, or a warm-up run.
-
-  The warm-up samples ``config.sampler.warmup_samples`` plain trajectories from the
-  run's warm-up key stream (independent of the samples' keys), sharded like the
-  samples, and takes the ``rej_percentile`` quantiles of their log ratios.
-  """
-  from isir_jax.samplers import diffrs, edm  # pylint: disable=g-import-not-at-top
-  if config.sampler.thresholds:
-    return config.sampler.thresholds   # an input file, like the checkpoints (checked early)
-  main = parallel.is_main_process()
-  path = os.path.join(workdir, DIFFRS_THRESHOLDS_NAME)
-  if parallel.broadcast_from_main(np.array([main and os.path.isfile(path)]))[0]:
-    # Written by this workdir's config (check_run_config); the workdir may be host-local.
-    zeros = np.zeros(config.sampler.num_steps + 1, np.float32)
-    stored = diffrs.load_thresholds(path) if main else diffrs.Thresholds(zeros, zeros)
-    return diffrs.Thresholds(*(parallel.broadcast_from_main(np.asarray(a, np.float32))
-                               for a in stored))
-  step = dataclasses.asdict(edm.split_settings(settings)[0])
-  shape = (denoiser.img_resolution, denoiser.img_resolution, denoiser.img_channels)
-  warmup = parallel.ShardedSampler(
-      lambda models, keys, labels: diffrs.warmup_log_ratios(*models, keys, labels,
-                                                            shape=shape, **step),
-      config.sample.batch_size, (denoiser, discriminator))
-  base = parallel.base_key(config.seed, parallel.WARMUP_STREAM)
-  label_dim = _label_dim(denoiser)
-  log_ratios = []
-  num = config.sampler.warmup_samples
-  for start in tqdm(range(0, num, config.sample.batch_size), desc='diffrs warm-up',
-                    disable=not main):
-    indices = np.arange(start, start + config.sample.batch_size)
-    labels = parallel.sample_labels(base, indices, label_dim) if label_dim else None
-    log_ratios.append(warmup(base, start, labels))
-  log_ratios = np.concatenate(log_ratios)[:num]
-  thresholds = diffrs.thresholds_from_log_ratios(log_ratios, config.sampler.rej_percentile)
-  if main:
-    diffrs.save_thresholds(path, thresholds, log_ratios)
-    logging.info('DiffRS thresholds from %d warm-up samples written to %s', num, path)
-  return thresholds
-
-
-def make_sample_fn(config: ml_collections.ConfigDict, denoiser, discriminator,
-                   workdir: str) -> Callable:
-  """Builds ``sample_fn(models, keys, class_labels) -> (images, stats)`` from ``config.sampler``.
-
-  ``models`` is ``(denoiser, discriminator)``, passed at call time so that the weights
-  are arguments of the compiled program. The settings are checked here, once.
-  """
-  from isir_jax import samplers  # pylint: disable=g-import-not-at-top
-  settings = {k: v for k, v in config.sampler.items() if k not in _DRIVER_SAMPLER_KEYS}
-  shape = (denoiser.img_resolution, denoiser.img_resolution, denoiser.img_channels)
-  factory = samplers.get_sampler(config.sampler.name)
-  try:
-    if config.sampler.name == 'diffrs':
-      settings['thresholds'] = _diffrs_thresholds(config, denoiser, discriminator, workdir,
-                                                  settings)
-    factory(denoiser, discriminator, shape=shape, **settings)
-  except (TypeError, ValueError) as e:
-    raise RunError(f'config.sampler ({config.sampler.name}): {e}') from None
-  return lambda models, keys, class_labels: factory(*models, shape=shape, **settings)(
-      keys, class_labels)
-
-
 def _shard_sizes(config) -> list[int]:
   n, b = config.sample.num_samples, config.sample.batch_size
   return [min(b, n - k * b) for k in range(math.ceil(n / b))]
@@ -230,14 +69,6 @@ def _complete(workdir: str, k: int, size: int) -> bool:
   """Whether shard ``k`` exists with ``size`` images (a smaller last shard is redone)."""
   samples, _ = io.read_shard(io.shard_path(workdir, k))
   return len(samples) == size
-
-
-def _stats_line(stats: dict) -> str:
-  parts = []
-  for key, label in _LOGGED_STATS:
-    if key in stats:
-      parts.append(f'{label} {float(np.mean(stats[key])):.3g}')
-  return ', '.join(parts)
 
 
 def sample(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -253,8 +84,8 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> None:
   main = parallel.is_main_process()
   if main:
     _check_workdir(workdir)
-  denoiser, discriminator = load_models(config)
-  label_dim = _label_dim(denoiser)
+  models = sampling.load_models(config)
+  label_dim = sampling.label_dim(models[0])
   if label_dim and not -1 <= config.sample.class_idx < label_dim:
     raise RunError(f'config.sample.class_idx must be -1 (random) or in [0, {label_dim}), '
                    f'got {config.sample.class_idx}')
@@ -274,45 +105,36 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> None:
     logging.info('%s: %d of %d shards to generate (%d images each)%s', workdir, len(todo),
                  len(sizes), config.sample.batch_size, ' (resumed)' if resumed else '')
   if todo:
-    _generate(config, workdir, todo, sizes, denoiser, discriminator)
+    _generate(sampling.Sampler(config, models, workdir), workdir, todo, sizes)
   if main and config.model.kind == 'testbed':
     _log_testbed_weights(workdir, len(sizes))
 
 
-def _generate(config, workdir: str, todo: list[int], sizes: list[int], denoiser,
-              discriminator) -> None:
+def _generate(sampler: sampling.Sampler, workdir: str, todo: list[int], sizes: list[int]
+              ) -> None:
   """Samples and writes the shards ``todo``, with a progress bar and one line per shard."""
   main = parallel.is_main_process()
-  label_dim = _label_dim(denoiser)
-  sampler = parallel.ShardedSampler(make_sample_fn(config, denoiser, discriminator, workdir),
-                                    config.sample.batch_size, (denoiser, discriminator))
-  if sampler.padding and main:
+  if sampler.sharded.padding and main:
     logging.warning('batch size %d is not a multiple of %d devices: %d padded samples per '
-                    'batch are computed and dropped', config.sample.batch_size,
-                    jax.device_count(), sampler.padding)
-  base = parallel.base_key(config.seed)
+                    'batch are computed and dropped', sampler.batch_size,
+                    jax.device_count(), sampler.sharded.padding)
   for k in tqdm(todo, desc='shards', disable=not main):
-    start = k * config.sample.batch_size
-    indices = np.arange(start, start + config.sample.batch_size)
-    labels = None
-    if label_dim:
-      labels = parallel.sample_labels(base, indices, label_dim, config.sample.class_idx)
+    start = k * sampler.batch_size
     t0 = time.time()
-    images, stats = sampler(base, start, labels)
+    try:
+      images, stats, labels = sampler.draw(start, sizes[k])
+    except RunError as e:
+      raise RunError(f'shard {k}: {e}') from None
     elapsed = time.time() - t0
-    size = sizes[k]
-    images, stats = images[:size], {key: v[:size] for key, v in stats.items()}
-    _check_samples(k, start, images, stats)
     if main:
-      io.write_shard(workdir, k, io.to_uint8(images),
-                     None if labels is None else labels[:size].argmax(axis=1))
-      logging.info('shard %d: %d images, %.1f img/s%s, %s', k, size, size / elapsed,
-                   ' (incl. compilation)' if k == todo[0] else '', _stats_line(stats))
+      io.write_shard(workdir, k, io.to_uint8(images), labels)
+      logging.info('shard %d: %d images, %.1f img/s%s, %s', k, sizes[k], sizes[k] / elapsed,
+                   ' (incl. compilation)' if k == todo[0] else '',
+                   sampling.format_stats(stats))
 
 
 def _log_testbed_weights(workdir: str, num_shards: int) -> None:
   """The testbed's score: mixture weights of the samples against the true and model ones."""
-  from isir_jax import testbed  # pylint: disable=g-import-not-at-top
   bed = testbed.make_testbed('gmm64')
   samples = np.concatenate([io.read_shard(io.shard_path(workdir, k))[0]
                             for k in range(num_shards)])
@@ -320,18 +142,6 @@ def _log_testbed_weights(workdir: str, num_shards: int) -> None:
   logging.info('testbed: component weights of %d samples %s (true %s, model %s), error %.3f',
                len(samples), np.round(weights, 3).tolist(), bed.true.weights.tolist(),
                bed.model.weights.tolist(), np.abs(weights - bed.true.weights).max())
-
-
-def _check_samples(k: int, start: int, images: np.ndarray, stats: dict) -> None:
-  """Fails shard ``k`` on non-finite images or unfinished (DiffRS loop-capped) samples."""
-  problems = [('non-finite', ~np.isfinite(images).reshape(len(images), -1).all(axis=1))]
-  if 'finished' in stats:
-    problems.append(('unfinished (DiffRS max_loops cap)', ~np.asarray(stats['finished'], bool)))
-  for what, mask in problems:
-    if mask.any():
-      bad = (start + np.flatnonzero(mask)).tolist()
-      raise RunError(f'shard {k}: {len(bad)} {what} samples at global indices '
-                     f'{bad[:20]}{" ..." if len(bad) > 20 else ""}; shard not saved')
 
 
 # ----------------------------------------------------------------------------- FID
@@ -345,7 +155,6 @@ _IS_SPLITS = 10
 
 def _load_inception(config: ml_collections.ConfigDict):
   """The FID Inception of ``config.fid.inception``, with one-line errors."""
-  from isir_jax import fid  # pylint: disable=g-import-not-at-top
   directory = config.fid.inception
   if not directory:
     raise RunError('config.fid.inception is empty; convert the FID Inception with python -m '
@@ -360,7 +169,6 @@ def _load_inception(config: ml_collections.ConfigDict):
 
 def _dataset_images(dataset: str, batch_size: int):
   """uint8 image batches of a dataset: npz shards (dir or file), or a folder/zip of images."""
-  from isir_jax import fid  # pylint: disable=g-import-not-at-top
   if not os.path.exists(dataset):
     raise RunError(f'config.fid.dataset={dataset}: no such file or directory')
   has_shards = os.path.isdir(dataset) and io.complete_shards(dataset)
@@ -378,7 +186,6 @@ def fid_stats(config: ml_collections.ConfigDict, workdir: str) -> None:
   The file has EDM's layout (``mu``, ``sigma``) and serves as ``config.fid.ref_stats``.
   Runs on process 0 (on its local devices); other processes return at once.
   """
-  from isir_jax import fid  # pylint: disable=g-import-not-at-top
   if not parallel.is_main_process():
     return
   if not config.fid.dataset:
@@ -403,7 +210,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
     RunError: when the reference statistics are missing or of the wrong shape, or the
       workdir holds fewer samples than asked for or was sampled with another config.
   """
-  from isir_jax import fid  # pylint: disable=g-import-not-at-top
   if not parallel.is_main_process():
     return
   if not config.fid.ref_stats:

@@ -26,6 +26,7 @@ from isir_jax import checkpoints
 from isir_jax import fid
 from isir_jax import io
 from isir_jax import run_lib
+from isir_jax import sampling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -133,6 +134,7 @@ sys.path.insert(0, {root!r})
 jax.distributed.initialize({address!r}, num_processes=2, process_id=int(sys.argv[1]))
 from configs import testbed
 from isir_jax import run_lib
+from isir_jax import sampling
 config = testbed.get_config({arg!r})
 config.sampler.S_churn = {churn}
 config.sample.num_samples, config.sample.batch_size = 64, 3
@@ -193,7 +195,7 @@ def test_every_config_builds_its_sampler(module, arg):
   assert config.sampler.name == arg.split(',')[0].split('_')[0]
   if 'tiny' in arg:
     assert config.sample.num_samples <= 8
-  settings = {k: v for k, v in config.sampler.items() if k not in run_lib._DRIVER_SAMPLER_KEYS}
+  settings = {k: v for k, v in config.sampler.items() if k not in sampling.DRIVER_SAMPLER_KEYS}
   if config.sampler.name == 'diffrs':
     zeros = np.zeros(config.sampler.num_steps + 1, np.float32)
     settings['thresholds'] = diffrs.Thresholds(zeros, zeros)
@@ -362,7 +364,7 @@ def test_diffrs_thresholds_estimated_once(tmp_path):
   assert first.returncode == 0, first.stderr
   assert 'DiffRS thresholds from 8 warm-up samples written' in first.stderr
   assert 'accept' in first.stderr
-  path = tmp_path / run_lib.DIFFRS_THRESHOLDS_NAME
+  path = tmp_path / sampling.DIFFRS_THRESHOLDS_NAME
   with np.load(path) as data:
     assert data['warmup_log_ratios'].shape == (8, 5)  # 8 samples x (4 steps + 1) levels
     saved = data['log_ratio'].copy()
@@ -455,7 +457,7 @@ def test_model_dtype(edm_dirs, tmp_path):
   config = cifar10_config.get_config('edm,tiny')
   config.model.denoiser = edm_dirs['ddpmpp_vp']
   config.model.dtype = 'bfloat16'
-  denoiser, _ = run_lib.load_models(config)
+  denoiser, _ = sampling.load_models(config)
   assert denoiser.module.model.dtype == jnp.bfloat16
   config.model.dtype = 'float16'
   with pytest.raises(run_lib.RunError, match=r"config.model.dtype must be one of \['bfloat16', "

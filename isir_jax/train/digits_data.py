@@ -26,6 +26,8 @@ NUM_CLASSES = 10
 MAX_LEVEL = 16.0
 # Images [NUM_TEST:] of the file are the held-out split of the clean-digit classifier.
 NUM_TEST = 297
+# digits-skew: classes 0-4 drawn 4x as often as 5-9 (frequencies 0.16 and 0.04).
+SKEW_WEIGHTS = (4, 4, 4, 4, 4, 1, 1, 1, 1, 1)
 
 
 def load_digits(path: str = DATA_PATH) -> tuple[np.ndarray, np.ndarray]:
@@ -43,6 +45,48 @@ def split(images: np.ndarray, labels: np.ndarray, train: bool):
   """Returns the train (first 1500) or held-out (last 297) part of the digits."""
   n = images.shape[0] - NUM_TEST
   return (images[:n], labels[:n]) if train else (images[n:], labels[n:])
+
+
+def class_resample(labels: np.ndarray, class_weights, seed: int = 0) -> np.ndarray:
+  """Indices into ``labels`` whose class frequencies are exactly ``class_weights / sum``.
+
+  The digits-skew training set: class ``c`` gets ``class_weights[c] * m`` indices with
+  ``m`` the smallest class count, cycling through a random permutation of the class's
+  images (weight 1 takes a random subset of ``m``, weight 4 uses each image about 4
+  times). Shuffled; a pure function of (labels, weights, seed).
+
+  Args:
+    labels: int [N] class labels.
+    class_weights: one non-negative int per class, e.g. ``SKEW_WEIGHTS``.
+    seed: seeds the permutations.
+
+  Returns:
+    int [m * sum(class_weights)] indices.
+  """
+  weights = np.asarray(class_weights)
+  counts = np.bincount(labels, minlength=len(weights))
+  if (weights.ndim != 1 or len(weights) != len(counts) or np.any(weights < 0)
+      or np.any(weights != np.round(weights)) or weights.sum() == 0):
+    raise ValueError(f'class_weights must be {len(counts)} non-negative ints (not all 0), '
+                     f'got {class_weights!r}')
+  rng = np.random.default_rng(seed)
+  m = int(counts.min())
+  parts = []
+  for c, w in enumerate(weights.astype(int)):
+    members = rng.permutation(np.flatnonzero(labels == c))
+    parts.append(np.resize(members, w * m))  # cycles through the permutation
+  return rng.permutation(np.concatenate(parts))
+
+
+def class_frequencies(labels: np.ndarray) -> np.ndarray:
+  """Relative class frequencies [NUM_CLASSES] of int labels."""
+  return np.bincount(labels, minlength=NUM_CLASSES) / max(len(labels), 1)
+
+
+def class_frequency_error(labels: np.ndarray, reference: np.ndarray) -> float:
+  """Total-variation distance ``0.5 sum |p - q|`` between the class histogram of ``labels``
+  and the reference frequencies (the digits-skew testbed's metric)."""
+  return float(0.5 * np.abs(class_frequencies(labels) - np.asarray(reference)).sum())
 
 
 def build(path: str = DATA_PATH) -> None:

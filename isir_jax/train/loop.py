@@ -26,11 +26,15 @@ LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything a resumed run needs: step, params, optimizer state and EMA params."""
+  """Everything a resumed run needs: step, params, optimizer state, EMA params and, with
+  held-out evaluation, the best params so far, their held-out loss and step."""
   step: jax.Array
   params: Any
   opt_state: Any
   ema_params: Any
+  best_params: Any = None
+  best_loss: Any = None
+  best_step: Any = None
 
 
 def save_model(directory: str, params: Any, config: dict) -> None:
@@ -83,7 +87,8 @@ def train(loss_fn: LossFn, params: Any, data: dict[str, np.ndarray], *,
           optimizer: optax.GradientTransformation, num_steps: int, batch_size: int,
           workdir: Optional[str], seed: int = 0, ema_decay: Optional[float] = None,
           ckpt_every: int = 1000, log_every: int = 100, desc: str = 'train',
-          ) -> tuple[TrainState, list[dict]]:
+          evaluate: Optional[Callable[[Any], dict]] = None, eval_every: int = 500,
+          patience: Optional[int] = None) -> tuple[TrainState, list[dict]]:
   """Minimises ``loss_fn`` over random batches of ``data`` and returns the final state.
 
   Args:
@@ -100,18 +105,29 @@ def train(loss_fn: LossFn, params: Any, data: dict[str, np.ndarray], *,
     ckpt_every: checkpoint period in steps (also written at the end).
     log_every: steps per logged metrics average.
     desc: progress-bar label.
+    evaluate: optional held-out evaluation ``params -> dict`` with a ``'loss'`` entry, run
+      every ``eval_every`` steps and at the end; the state keeps the params of the lowest
+      held-out loss (``best_params``, ``best_loss``, ``best_step``).
+    eval_every: steps between evaluations.
+    patience: early stopping: end the run once ``patience`` evaluations in a row have not
+      improved on the best held-out loss (None: run all ``num_steps``).
 
   Returns:
     ``(state, history)``: the final TrainState and one dict of mean metrics
-    (with ``step``) per ``log_every`` steps of this invocation.
+    (with ``step``) per ``log_every`` steps of this invocation; held-out metrics are
+    entries ``heldout_<name>`` of the dict logged at each evaluation step.
   """
   sizes = {k: v.shape[0] for k, v in data.items()}
   if len(set(sizes.values())) != 1:
     raise ValueError(f'data arrays differ in their leading dimension: {sizes}')
   num_examples = next(iter(sizes.values()))
+  tracked = evaluate is not None
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      opt_state=optimizer.init(params),
-                     ema_params=params if ema_decay is not None else None)
+                     ema_params=params if ema_decay is not None else None,
+                     best_params=params if tracked else None,
+                     best_loss=jnp.full((), jnp.inf) if tracked else None,
+                     best_step=jnp.zeros((), jnp.int32) if tracked else None)
   manager = None
   if workdir is not None:
     manager = ocp.CheckpointManager(
@@ -136,7 +152,19 @@ def train(loss_fn: LossFn, params: Any, data: dict[str, np.ndarray], *,
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                          ema_params=ema), metrics
 
+  def held_out(state, step):
+    """Evaluates, keeps the best params; returns (state, metrics, whether to stop)."""
+    metrics = {f'heldout_{k}': float(v) for k, v in evaluate(state.params).items()}
+    if metrics['heldout_loss'] < float(state.best_loss):
+      state = state.replace(best_params=state.params,
+                            best_loss=jnp.asarray(metrics['heldout_loss'], jnp.float32),
+                            best_step=jnp.asarray(step, jnp.int32))
+    stale = (step - int(state.best_step)) // eval_every
+    return state, metrics, patience is not None and stale >= patience
+
   start = int(state.step)
+  if tracked and patience is not None and (start - int(state.best_step)) // eval_every >= patience:
+    start = num_steps   # a resumed run that had stopped early
   history, window = [], []
   bar = tqdm.tqdm(range(start, num_steps), desc=desc, initial=start, total=num_steps,
                   dynamic_ncols=True, mininterval=2.0)
@@ -144,14 +172,25 @@ def train(loss_fn: LossFn, params: Any, data: dict[str, np.ndarray], *,
     idx = batch_indices(num_examples, batch_size, seed, step)
     state, metrics = step_fn(state, {k: v[idx] for k, v in data.items()})
     window.append(metrics)
-    if (step + 1) % log_every == 0 or step + 1 == num_steps:
+    stop = False
+    last = step + 1 == num_steps
+    evaluated = tracked and ((step + 1) % eval_every == 0 or last)
+    if evaluated:
+      state, heldout, stop = held_out(state, step + 1)
+    if (step + 1) % log_every == 0 or last or evaluated:
       mean = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
+      if evaluated:
+        mean.update(heldout)
       window = []
       history.append(dict(mean, step=step + 1))
       bar.set_postfix({k: f'{v:.4g}' for k, v in mean.items()})
       logging.info('%s step %d: %s', desc, step + 1, mean)
-    if manager is not None and ((step + 1) % ckpt_every == 0 or step + 1 == num_steps):
+    if manager is not None and ((step + 1) % ckpt_every == 0 or last or stop):
       manager.save(step + 1, args=ocp.args.StandardSave(state))
+    if stop:
+      logging.info('%s: early stop at step %d (best held-out loss %.4f at step %d)', desc,
+                   step + 1, float(state.best_loss), int(state.best_step))
+      break
   if manager is not None:
     manager.wait_until_finished()
     manager.close()

@@ -39,12 +39,12 @@ def _optimizer(cfg: ml_collections.ConfigDict):
                              warmup_steps=cfg.get('warmup_steps', 0))
 
 
-def _run(cfg, loss_fn, params, data, workdir, name, seed):
+def _run(cfg, loss_fn, params, data, workdir, name, seed, **kwargs):
   return loop.train(loss_fn, params, data, optimizer=_optimizer(cfg), num_steps=cfg.num_steps,
                     batch_size=cfg.batch_size, workdir=os.path.join(workdir, f'train_{name}'),
                     seed=seed, ema_decay=cfg.get('ema_decay', None),
                     ckpt_every=cfg.get('ckpt_every', 1000), log_every=cfg.get('log_every', 100),
-                    desc=name)
+                    desc=name, **kwargs)
 
 
 def load_images(path: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
@@ -106,6 +106,10 @@ def train_denoiser(config: ml_collections.ConfigDict, workdir: str) -> list[dict
   """
   cfg = config.train.denoiser
   images, labels = digits_data.load_digits(config.data.path)
+  if cfg.get('class_weights'):
+    # digits-skew: a class-skewed resampling, the model's deliberate, known error.
+    idx = digits_data.class_resample(labels, cfg.class_weights, config.seed)
+    images, labels = images[idx], labels[idx]
   module_config = denoiser_module_config(cfg, images.shape[1], images.shape[3])
   module = precond.build_precond(module_config)
   data = {'image': images}
@@ -175,16 +179,35 @@ def _one_hot(labels: Optional[np.ndarray], num_classes: int) -> np.ndarray:
   return np.eye(num_classes, dtype=np.float32)[labels]
 
 
+def heldout_split(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """(train, held-out) index arrays: a random ``fraction`` of ``range(count)`` held out."""
+  perm = np.random.default_rng(seed).permutation(count)
+  num_heldout = int(round(count * fraction))
+  return perm[num_heldout:], perm[:num_heldout]
+
+
+def _balanced(real: dict, gen: dict) -> dict:
+  """Real and generated rows with the real ones repeated to the generated count, so that
+  uniform batches hold both classes equally often (DG trains on equal counts)."""
+  reps = np.resize(np.arange(len(real['image'])), max(len(gen['image']), len(real['image'])))
+  return {k: np.concatenate([real[k][reps], gen[k]]) for k in real}
+
+
 def train_discriminator(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Trains DG's discriminator head on frozen classifier features (DG ``train.py``).
 
   Real images (``train.discriminator.real_data``) are labelled 1, generated ones
   (the shards in ``train.discriminator.gen_dir``) 0, each capped at ``num_data``;
   the head sees the classifier's features of VP-perturbed inputs at importance-sampled
-  times, optionally with the class label. Works for the digits and, from a converted
-  ``32x32_classifier.pt`` and CIFAR-10 npz files, for DG's CIFAR-10 heads.
-  Writes a ``dg_discriminator`` dir (``load_discriminator`` reads it) to ``out``.
-  Returns the logged metrics (``loss``, ``acc``, ``step``) per ``log_every`` steps.
+  times, optionally with the class label. A ``heldout`` fraction of each set is kept
+  out of training: every ``eval_every`` steps the held-out BCE and accuracy (real and
+  generated weighted equally, ``heldout_repeats`` noise draws per image with a fixed key)
+  are measured, the head of the lowest held-out BCE is kept, and training stops after
+  ``patience`` evaluations without improvement. Works for the digits and, from a
+  converted ``32x32_classifier.pt`` and CIFAR-10 npz files, for DG's CIFAR-10 heads.
+  Writes a ``dg_discriminator`` dir (``load_discriminator`` reads it) to ``out``, with
+  the held-out metrics in its config.json (``training``).
+  Returns the logged metrics (``loss``, ``acc``, ``step``, ``heldout_*``).
   """
   cfg = config.train.discriminator
   enc_kwargs, enc_params = load_classifier(cfg.classifier)
@@ -196,17 +219,20 @@ def train_discriminator(config: ml_collections.ConfigDict, workdir: str) -> list
   if real_x.shape[1:] != gen_x.shape[1:]:
     raise ValueError(f'real images {real_x.shape[1:]} ({cfg.real_data}) differ from generated '
                      f'{gen_x.shape[1:]} ({cfg.gen_dir})')
-  data = {'image': np.concatenate([real_x, gen_x]),
-          'is_real': np.concatenate([np.ones(len(real_x), np.float32),
-                                     np.zeros(len(gen_x), np.float32)])}
+  real = {'image': real_x, 'is_real': np.ones(len(real_x), np.float32)}
+  gen = {'image': gen_x, 'is_real': np.zeros(len(gen_x), np.float32)}
   head_kwargs = _kwargs(cfg.head)
   if cfg.conditional:
-    data['label'] = np.concatenate([_one_hot(real_y[:n] if real_y is not None else None,
-                                             cfg.head.num_classes),
-                                    _one_hot(gen_y[:n] if gen_y is not None else None,
-                                             cfg.head.num_classes)])
+    real['label'] = _one_hot(real_y[:n] if real_y is not None else None, cfg.head.num_classes)
+    gen['label'] = _one_hot(gen_y[:n] if gen_y is not None else None, cfg.head.num_classes)
   else:
     head_kwargs['num_classes'] = 0
+  splits = [heldout_split(len(part['image']), cfg.heldout, config.seed + i)
+            for i, part in enumerate((real, gen))]
+  data = _balanced(*({k: v[tr] for k, v in part.items()}
+                     for part, (tr, _) in zip((real, gen), splits)))
+  heldout = [{k: v[ho] for k, v in part.items()} for part, (_, ho) in zip((real, gen), splits)]
+
   head = dg.module_from_config(head_kwargs)
   feats = jax.eval_shape(lambda: encoder.apply({'params': enc_params}, real_x[:1],
                                                jnp.zeros((1,)), feature=True))
@@ -228,11 +254,33 @@ def train_discriminator(config: ml_collections.ConfigDict, workdir: str) -> list
     return losses.discriminator_loss(logit_fn, batch['image'], batch['is_real'], key,
                                      batch.get('label'), importance=cfg.importance)
 
-  state, history = _run(cfg, loss_fn, head_params, data, workdir, 'discriminator', config.seed)
-  trained = disc.replace(params={'encoder': enc_params, 'head': state.params})
-  loop.save_model(cfg.out, trained.params, trained.to_config())
-  logging.info('discriminator: %d real + %d generated images, final %s',
-               len(real_x), len(gen_x), history[-1])
+  evaluate = None
+  if all(len(part['image']) for part in heldout):
+    eval_key = jax.random.key(config.seed + 1)   # the same noise at every evaluation
+
+    @jax.jit
+    def evaluate(p):
+      """Held-out BCE and accuracy, real and generated weighted equally."""
+      out = []
+      for i, part in enumerate(heldout):
+        batch = {k: np.repeat(v, cfg.heldout_repeats, axis=0) for k, v in part.items()}
+        out.append(loss_fn(p, batch, jax.random.fold_in(eval_key, i)))
+      return {'loss': (out[0][0] + out[1][0]) / 2,
+              'acc': (out[0][1]['acc'] + out[1][1]['acc']) / 2}
+
+  state, history = _run(cfg, loss_fn, head_params, data, workdir, 'discriminator', config.seed,
+                        evaluate=evaluate, eval_every=cfg.eval_every, patience=cfg.patience)
+  best = state.params if evaluate is None else state.best_params
+  trained = disc.replace(params={'encoder': enc_params, 'head': best})
+  report = dict(num_real=len(real_x), num_generated=len(gen_x), heldout_fraction=cfg.heldout,
+                steps=int(state.step))
+  if evaluate is not None:
+    final = {k: float(v) for k, v in evaluate(best).items()}
+    report.update(heldout_bce=final['loss'], heldout_accuracy=final['acc'],
+                  best_step=int(state.best_step))
+  loop.save_model(cfg.out, trained.params, dict(trained.to_config(), training=report))
+  logging.info('discriminator: %s', report)
+  history[-1].update(report)
   return history
 
 
