@@ -97,6 +97,17 @@ def setting_config(config: ml_collections.ConfigDict, label: str, seed: int, num
   return cfg
 
 
+def draw_setting(config: ml_collections.ConfigDict, label: str, seed: int, num: int,
+                 batch: int, models, workdir: str) -> tuple[np.ndarray, dict, float]:
+  """Samples ``num`` digits with one setting and seed through the driver's `Sampler`:
+  ``(images, per-sample stats, sampling seconds)``."""
+  cfg = setting_config(config, label, seed, num, batch, workdir)
+  sampler = sampling.Sampler(cfg, models, workdir)
+  t0 = time.perf_counter()
+  images, stats, _ = sampler.draw(0, num, progress=f'{config.testbed} {label} seed {seed}')
+  return images, stats, time.perf_counter() - t0
+
+
 def paired_interval(diffs: np.ndarray) -> tuple[float, float, float]:
   """Mean and 95% Student-t confidence interval of paired differences."""
   mean = float(np.mean(diffs))
@@ -223,11 +234,8 @@ def main(argv):
         key = f'{testbed}|{label}|{seed}'
         if key in runs:
           continue
-        cfg = setting_config(config, label, seed, num, _BATCH.value, workdir)
-        sampler = sampling.Sampler(cfg, (denoiser, discriminator), workdir)
-        t0 = time.perf_counter()
-        images, stats, _ = sampler.draw(0, num, progress=f'{testbed} {label} seed {seed}')
-        seconds = time.perf_counter() - t0
+        images, stats, seconds = draw_setting(config, label, seed, num, _BATCH.value,
+                                              (denoiser, discriminator), workdir)
         run = dict(testbed=testbed, label=label, seed=seed, seconds=seconds,
                    stats={k: float(np.mean(v)) for k, v in stats.items()},
                    **score(images, net, config, reference))

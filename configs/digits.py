@@ -78,6 +78,7 @@ def train_config(models: str) -> ml_collections.ConfigDict:
       heldout=0.1,                 # fraction of each set held out for early stopping
       heldout_repeats=4,           # noise draws per held-out image
       eval_every=250, patience=6,  # held-out BCE period; stop after 6 without improvement
+      augment_shift=0,             # random shift of up to this many pixels (0: none)
       conditional=False,
       head=_encoder(image_size=4, in_channels=64, model_channels=32, out_channels=1,
                     channel_mult=(1,), attention_resolutions=(1,), num_classes=10),

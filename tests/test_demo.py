@@ -1,15 +1,25 @@
-"""The bundled digits demo: committed assets, FD-digits, and the demo end to end (tiny)."""
+"""The bundled digits: committed assets, the digits-skew testbed, FD-digits, the demo and the
+quality benchmark end to end (tiny), and the one sampling path they share with the driver."""
 
+import json
 import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks import quality
 from configs import digits
 from isir_jax import demo
+from isir_jax import io
+from isir_jax import run_lib
+from isir_jax import sampling
 from isir_jax.train import digits_data
 from isir_jax.train import feature_net
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
@@ -39,18 +49,53 @@ def test_feature_net_classifies_held_out_digits(net):
   assert (net.predict(x) == y).mean() > 0.9
 
 
+def test_skewed_resampling_has_the_asked_class_frequencies():
+  _, labels = digits_data.load_digits()
+  idx = digits_data.class_resample(labels, digits_data.SKEW_WEIGHTS, seed=3)
+  freq = digits_data.class_frequencies(labels[idx])
+  np.testing.assert_array_equal(freq, [0.16] * 5 + [0.04] * 5)   # exact on the index set
+  # Every image of the 4x classes is used, each 3 or 4 times; the 1x classes use distinct ones.
+  for c in range(5):
+    uses = np.unique(idx[labels[idx] == c], return_counts=True)[1]
+    assert set(uses) <= {3, 4} and len(uses) == np.sum(labels == c)
+  for c in range(5, 10):
+    assert len(np.unique(idx[labels[idx] == c])) == np.sum(labels[idx] == c)
+  # The skew's own error is the testbed's known answer: total variation 0.3 from uniform.
+  assert digits_data.class_frequency_error(labels[idx], np.full(10, 0.1)) == pytest.approx(0.3)
+  with pytest.raises(ValueError, match='class_weights must be 10 non-negative ints'):
+    digits_data.class_resample(labels, (1, 2))
+
+
+def test_class_frequency_error_of_real_digits_is_near_zero(net):
+  images, labels = digits_data.load_digits()
+  reference = digits_data.class_frequencies(labels)
+  assert digits_data.class_frequency_error(labels, reference) == 0.0
+  # Through the clean-digit classifier: only its few mistakes remain.
+  assert digits_data.class_frequency_error(net.predict(images), reference) < 0.02
+
+
 def test_committed_models_give_finite_samples():
-  config = digits.get_config('edm')
-  denoiser, discriminator, _ = demo.load_models(config)
-  assert (denoiser.img_resolution, denoiser.img_channels) == (8, 8 // 8)
-  settings = config.demo.samplers.edm.copy_and_resolve_references()
-  settings.num_steps = 4
-  fn = demo.build_sampler(settings, denoiser, None)
-  images, stats = fn(demo.sample_keys(0, 0, 4), None)
-  assert images.shape == (4, 8, 8, 1) and bool(jnp.isfinite(images).all())
+  config = demo.method_config(digits.get_config('edm'), 'edm')
+  config.sampler.num_steps = 4
+  config.sample.batch_size = 4
+  models = sampling.load_models(config, with_discriminator=True)
+  images, stats, labels = sampling.Sampler(config, models, '').draw(0, 4)
+  assert images.shape == (4, 8, 8, 1) and np.isfinite(images).all() and labels is None
   np.testing.assert_array_equal(stats['nfe'], 7)
-  d = discriminator.log_ratio(images, jnp.full((4,), 0.5))
+  d = models[1].log_ratio(jnp.asarray(images), jnp.full((4,), 0.5))
   assert d.shape == (4,) and bool(jnp.isfinite(d).all())
+  for name in ('denoiser', 'discriminator'):
+    for testbed in ('natural', 'skew'):
+      path = getattr(digits.get_config(testbed if testbed == 'natural' else None).model, name)
+      assert os.path.isfile(os.path.join(path, 'config.json')), path
+
+
+def test_discriminators_report_held_out_metrics():
+  for arg in ('natural', None):
+    with open(os.path.join(digits.get_config(arg).model.discriminator, 'config.json')) as f:
+      report = json.load(f)['training']
+    assert report['num_generated'] >= 10000
+    assert 0.5 < report['heldout_accuracy'] <= 1 and report['heldout_bce'] < np.log(2)
 
 
 def test_demo_tiny_end_to_end(tmp_path, capsys):
@@ -58,10 +103,46 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
   rows = demo.demo(config, str(tmp_path))
   assert [r.method for r in rows] == list(config.demo.methods)
   for r in rows:
-    assert r.images.shape == (8, 8, 8, 1) and np.isfinite(r.fd) and r.nfe >= 1
+    assert r.images.shape == (8, 8, 8, 1) and 0 <= r.class_error <= 1 and r.class_error_se >= 0
     assert os.path.getsize(tmp_path / f'digits_{r.method}.png') > 0
   out = capsys.readouterr().out
-  assert 'FD-digits' in out and all(m in out for m in config.demo.methods)
-  # The stochastic ISIR does more work per sample than one deterministic EDM run.
-  nfe = {r.method: r.nfe for r in rows}
+  assert 'class-freq error' in out and all(m in out for m in config.demo.methods)
+  assert 'FD-digits is left out' in out   # 8 samples: too few for FD to mean anything
+  nfe = {r.method: float(np.mean(r.stats['nfe'])) for r in rows}
   assert nfe['edm'] == 35 and nfe['isir_stochastic'] > nfe['edm']
+
+
+def test_demo_driver_and_benchmark_draw_the_same_images(tmp_path):
+  """The one sampling path: same config, keys and indices give the same saved uint8."""
+  config = digits.get_config('edm,tiny')
+  models = sampling.load_models(config, with_discriminator=True)
+  net = feature_net.load_feature_net(config.demo.feature_net)
+  reference = demo.reference_frequencies(config)
+  n = config.demo.num_samples
+  for method, label in (('edm', 'edm'), ('isir_stochastic', 'isir churn N=4 K=2')):
+    from_demo = demo.run_method(config, method, models, net, reference, str(tmp_path)).images
+    run = demo.method_config(config, method)
+    run_lib.sample(run, str(tmp_path / method))
+    from_driver = io.read_shard(io.shard_path(str(tmp_path / method), 0))[0]
+    from_benchmark = quality.draw_setting(config, label, config.seed, n, n, models,
+                                          str(tmp_path))[0]
+    np.testing.assert_array_equal(io.to_uint8(from_demo), from_driver)
+    np.testing.assert_array_equal(io.to_uint8(from_benchmark), from_driver)
+
+
+def test_quality_benchmark_tiny_end_to_end(tmp_path):
+  cmd = [sys.executable, '-m', 'benchmarks.quality', '--tiny', '--testbeds=skew',
+         f'--out={tmp_path}']
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  text = (tmp_path / 'quality.md').read_text()
+  rows = [line.split('|')[1:-1] for line in text.splitlines() if line.startswith('| ')]
+  labels = [r[0].strip() for r in rows[1:]]
+  assert labels == list(quality.TINY_SETTINGS)
+  for r in rows[1:]:
+    assert 0 <= float(r[1]) <= 1 and float(r[5]) >= 1   # class error, NFE
+  assert 'not significant' in text or 'better' in text or 'worse' in text
+  assert os.path.getsize(tmp_path / 'quality_skew.png') > 0
+  runs = json.loads((tmp_path / 'quality.json').read_text())['runs']
+  assert len(runs) == 2 * len(quality.TINY_SETTINGS)

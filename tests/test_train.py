@@ -1,5 +1,6 @@
 """Training: the shared loop (batches, resume), the losses, and a few steps of each trainer."""
 
+import json
 import os
 
 import jax
@@ -128,9 +129,34 @@ def test_classifier_then_discriminator(tiny):
   fake = np.clip(images[::-1, ::-1] * 127.5 + 128, 0, 255).astype(np.uint8)
   np.savez(os.path.join(config.train.discriminator.gen_dir, 'samples_0.npz'),
            samples=fake[:64], label=labels[:64])
-  first, last = _first_last(trainers.train_discriminator(config, workdir))
+  history = trainers.train_discriminator(config, workdir)
+  first, last = _first_last(history)
   assert last < first
+  # 64 real and 64 generated digits, 10% of each held out: the held-out metrics are reported.
+  with open(os.path.join(config.train.discriminator.out, 'config.json')) as f:
+    report = json.load(f)['training']
+  assert (report['num_real'], report['num_generated']) == (64, 64)
+  assert 0 <= report['heldout_accuracy'] <= 1 and np.isfinite(report['heldout_bce'])
+  assert history[-1]['heldout_bce'] == report['heldout_bce']
   disc = dg.load_discriminator(config.train.discriminator.out)
   x = jnp.asarray(images[:4])
   g, d = disc.guidance(x, jnp.full((4,), 0.5))
   assert d.shape == (4,) and bool(jnp.isfinite(g).all())
+
+
+def test_early_stopping_keeps_the_best_held_out_params(tmp_path):
+  """Training pulls w to 1; the held-out optimum is 0.3: the run stops past it, keeps ~0.3,
+  and a rerun of the stopped run does not train further."""
+  data = {'x': np.zeros((8, 1), np.float32)}
+  loss_fn = lambda w, batch, key: ((w - 1.0) ** 2, {})
+  evaluate = lambda w: {'loss': (w - 0.3) ** 2}
+  kw = dict(optimizer=loop.make_optimizer(0.01), num_steps=1000, batch_size=4,
+            workdir=str(tmp_path), evaluate=evaluate, eval_every=5, patience=3, log_every=50)
+  state, history = loop.train(loss_fn, jnp.zeros(()), data, **kw)
+  stopped = int(state.step)
+  assert stopped < 1000 and stopped - int(state.best_step) == 15
+  assert abs(float(state.best_params) - 0.3) < 0.03 and float(state.params) > 0.3
+  assert history[-1]['step'] == stopped and 'heldout_loss' in history[-1]
+  again, history = loop.train(loss_fn, jnp.zeros(()), data, **kw)
+  assert int(again.step) == stopped and history == []
+  assert float(again.best_params) == float(state.best_params)
