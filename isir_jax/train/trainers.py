@@ -199,8 +199,7 @@ def train_discriminator(config: ml_collections.ConfigDict, workdir: str) -> list
   Real images (``train.discriminator.real_data``) are labelled 1, generated ones
   (the shards in ``train.discriminator.gen_dir``) 0, each capped at ``num_data``;
   the head sees the classifier's features of VP-perturbed inputs at importance-sampled
-  times, optionally with the class label (and a random shift of up to ``augment_shift``
-  pixels, the same for the whole batch). A ``heldout`` fraction of each set is kept
+  times, optionally with the class label. A ``heldout`` fraction of each set is kept
   out of training: every ``eval_every`` steps the held-out BCE and accuracy (real and
   generated weighted equally, ``heldout_repeats`` noise draws per image with a fixed key)
   are measured, the head of the lowest held-out BCE is kept, and training stops after
@@ -247,18 +246,12 @@ def train_discriminator(config: ml_collections.ConfigDict, workdir: str) -> list
   disc = dg.DGDiscriminator.from_modules(encoder, head, {'encoder': enc_params,
                                                          'head': head_params})
 
-  def loss_fn(p, batch, key, augment=True):
+  def loss_fn(p, batch, key):
     def logit_fn(x_vp, tau, labels):
       t = disc.network_time(tau)
       feats = jax.lax.stop_gradient(disc.features(x_vp, t))   # frozen extractor
       return disc.head_logit(feats, t, labels, head_params=p)
-    images = batch['image']
-    if augment and cfg.augment_shift:
-      # The same random shift for real and generated rows: against memorising few images.
-      key, k_shift = jax.random.split(key)
-      shift = jax.random.randint(k_shift, (2,), -cfg.augment_shift, cfg.augment_shift + 1)
-      images = jnp.roll(images, shift, axis=(1, 2))
-    return losses.discriminator_loss(logit_fn, images, batch['is_real'], key,
+    return losses.discriminator_loss(logit_fn, batch['image'], batch['is_real'], key,
                                      batch.get('label'), importance=cfg.importance)
 
   evaluate = None
@@ -271,7 +264,7 @@ def train_discriminator(config: ml_collections.ConfigDict, workdir: str) -> list
       out = []
       for i, part in enumerate(heldout):
         batch = {k: np.repeat(v, cfg.heldout_repeats, axis=0) for k, v in part.items()}
-        out.append(loss_fn(p, batch, jax.random.fold_in(eval_key, i), augment=False))
+        out.append(loss_fn(p, batch, jax.random.fold_in(eval_key, i)))
       return {'loss': (out[0][0] + out[1][0]) / 2,
               'acc': (out[0][1]['acc'] + out[1][1]['acc']) / 2}
 
