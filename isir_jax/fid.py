@@ -8,27 +8,23 @@ and covariance are accumulated in float64 and compared with the Frechet distance
 Typical use::
 
     net = InceptionFID.load('checkpoints/inception')     # converted weights
-    mu, sigma = compute_statistics(net, iter_npz_images('workdir/samples'), num=50000)
+    mu, sigma = compute_statistics(net, io.iter_npz_images('workdir/samples'), num=50000)
     fid = frechet_distance(mu, sigma, *load_stats('cifar10-32x32.npz'))
 
 The numpy-only parts (resize reference, statistics files, scores) live in
 ``isir_jax.fid_math`` and are re-exported here.
 """
 
-import glob
-import io
 import os
-import re
-import zipfile
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
-from PIL import Image
 
 from isir_jax import checkpoints
+from isir_jax import parallel
 from isir_jax.fid_math import (  # noqa: F401 (re-exported: the driver imports them from here)
     FEATURE_DIM, INPUT_SIZE, NUM_CLASSES, StatsAccumulator, feature_statistics, frechet_distance,
     inception_score, legacy_resize_matrix, load_stats, resize_bilinear_legacy, save_stats)
@@ -67,12 +63,7 @@ class InceptionFID:
     self.variables = jax.tree_util.tree_map(jnp.asarray, variables)
     self.batch_size = batch_size
     self.feature_dim = FEATURE_DIM // module.width_divisor
-    devices = jax.local_devices()
-    if len(devices) > 1 and batch_size % len(devices) == 0:
-      mesh = jax.sharding.Mesh(np.array(devices), ('batch',))
-      self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('batch'))
-    else:
-      self._sharding = None
+    self._sharding = parallel.local_batch_sharding(batch_size)
     self._apply = jax.jit(lambda v, x: module.apply(v, preprocess(x)))
 
   @classmethod
@@ -191,59 +182,3 @@ def _rechunk(images: Iterable[np.ndarray], size: int, num: int | None) -> Iterat
     yield np.concatenate(buffer)
 
 
-def _shard_index(path: str) -> tuple[int, str]:
-  m = re.search(r'(\d+)\.npz$', os.path.basename(path))
-  return (int(m.group(1)) if m else -1, path)
-
-
-def iter_npz_images(source: str | Sequence[str], key: str = 'samples') -> Iterator[np.ndarray]:
-  """Yields the uint8 images of ``samples_{k}.npz`` shards in shard order.
-
-  Args:
-    source: a directory (its ``samples*.npz``, ordered by ``k``), one ``.npz`` file,
-      or a list of files (taken in the given order).
-    key: the array to read from each file.
-  """
-  if isinstance(source, str):
-    paths = (sorted(glob.glob(os.path.join(source, 'samples*.npz')), key=_shard_index)
-             if os.path.isdir(source) else [source])
-  else:
-    paths = list(source)
-  if not paths:
-    raise FileNotFoundError(f'{source}: no samples*.npz files found')
-  for path in paths:
-    with np.load(path) as data:
-      if key not in data.files:
-        raise ValueError(f'{path}: no {key!r} array (found {sorted(data.files)})')
-      yield data[key]
-
-
-def iter_image_files(source: str, batch_size: int = 250) -> Iterator[np.ndarray]:
-  """Yields uint8 batches of the PNG/JPEG images of a folder or zip (EDM dataset layout).
-
-  Files are taken in sorted path order, as EDM's ``ImageFolderDataset`` lists them.
-  """
-  exts = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
-  if os.path.isdir(source):
-    names = sorted(os.path.relpath(os.path.join(root, f), source)
-                   for root, _, files in os.walk(source) for f in files if f.lower().endswith(exts))
-    opener, archive = (lambda name: open(os.path.join(source, name), 'rb')), None
-  elif zipfile.is_zipfile(source):
-    archive = zipfile.ZipFile(source)
-    names = sorted(n for n in archive.namelist() if n.lower().endswith(exts))
-    opener = lambda name: io.BytesIO(archive.read(name))
-  else:
-    raise FileNotFoundError(f'{source}: not an image folder or zip')
-  if not names:
-    raise FileNotFoundError(f'{source}: no image files found')
-  try:
-    for start in range(0, len(names), batch_size):
-      batch = []
-      for name in names[start:start + batch_size]:
-        with opener(name) as f:
-          img = np.asarray(Image.open(f))
-        batch.append(img[..., None] if img.ndim == 2 else img)
-      yield np.stack(batch)
-  finally:
-    if archive is not None:
-      archive.close()

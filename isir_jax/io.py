@@ -14,7 +14,9 @@ import math
 import os
 import re
 import tempfile
-from typing import Any, Callable, Iterator, Optional
+import zipfile
+from io import BytesIO
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import PIL.Image
@@ -99,14 +101,19 @@ def read_shard(path: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
     return data['samples'], (data['label'] if 'label' in data else None)
 
 
-def complete_shards(workdir: str) -> list[int]:
-  """The sorted indices of the shards whose npz file exists (written atomically)."""
+def shard_paths(directory: str) -> list[str]:
+  """The ``samples_{k}.npz`` files of a run directory, in shard order (k = 2 before 10)."""
   found = []
-  for path in glob.glob(os.path.join(workdir, 'samples_*.npz')):
+  for path in glob.glob(os.path.join(directory, 'samples_*.npz')):
     match = _SHARD_RE.search(os.path.basename(path))
     if match:
-      found.append(int(match.group(1)))
-  return sorted(found)
+      found.append((int(match.group(1)), path))
+  return [path for _, path in sorted(found)]
+
+
+def complete_shards(workdir: str) -> list[int]:
+  """The sorted indices of the shards whose npz file exists (written atomically)."""
+  return [int(_SHARD_RE.search(os.path.basename(p)).group(1)) for p in shard_paths(workdir)]
 
 
 def remove_temporaries(workdir: str) -> None:
@@ -115,10 +122,56 @@ def remove_temporaries(workdir: str) -> None:
     os.remove(path)
 
 
-def iter_shards(workdir: str) -> Iterator[tuple[int, np.ndarray, Optional[np.ndarray]]]:
-  """Yields ``(k, samples, labels)`` for every complete shard, in shard order."""
-  for k in complete_shards(workdir):
-    yield (k,) + read_shard(shard_path(workdir, k))
+def iter_npz_images(source: str | Sequence[str], key: str = 'samples') -> Iterator[np.ndarray]:
+  """Yields the uint8 images of ``samples_{k}.npz`` shards in shard order.
+
+  Args:
+    source: a directory (its `shard_paths`), one ``.npz`` file,
+      or a list of files (taken in the given order).
+    key: the array to read from each file.
+  """
+  if isinstance(source, str):
+    paths = shard_paths(source) if os.path.isdir(source) else [source]
+  else:
+    paths = list(source)
+  if not paths:
+    raise FileNotFoundError(f'{source}: no samples_<k>.npz files found')
+  for path in paths:
+    with np.load(path) as data:
+      if key not in data.files:
+        raise ValueError(f'{path}: no {key!r} array (found {sorted(data.files)})')
+      yield data[key]
+
+
+def iter_image_files(source: str, batch_size: int = 250) -> Iterator[np.ndarray]:
+  """Yields uint8 batches of the PNG/JPEG images of a folder or zip (EDM dataset layout).
+
+  Files are taken in sorted path order, as EDM's ``ImageFolderDataset`` lists them.
+  """
+  exts = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
+  if os.path.isdir(source):
+    names = sorted(os.path.relpath(os.path.join(root, f), source)
+                   for root, _, files in os.walk(source) for f in files if f.lower().endswith(exts))
+    opener, archive = (lambda name: open(os.path.join(source, name), 'rb')), None
+  elif zipfile.is_zipfile(source):
+    archive = zipfile.ZipFile(source)
+    names = sorted(n for n in archive.namelist() if n.lower().endswith(exts))
+    opener = lambda name: BytesIO(archive.read(name))
+  else:
+    raise FileNotFoundError(f'{source}: not an image folder or zip')
+  if not names:
+    raise FileNotFoundError(f'{source}: no image files found')
+  try:
+    for start in range(0, len(names), batch_size):
+      batch = []
+      for name in names[start:start + batch_size]:
+        with opener(name) as f:
+          img = np.asarray(PIL.Image.open(f))
+        batch.append(img[..., None] if img.ndim == 2 else img)
+      yield np.stack(batch)
+  finally:
+    if archive is not None:
+      archive.close()
 
 
 def check_writable(workdir: str) -> None:

@@ -108,6 +108,15 @@ def _partition(tree: Any) -> tuple[list, Callable[[list], Any]]:
   return [leaf for leaf, a in zip(leaves, is_array) if a], combine
 
 
+def local_batch_sharding(batch_size: int) -> Optional[NamedSharding]:
+  """A sharding of the leading (batch) axis over this process's devices, or None when one
+  device suffices or ``batch_size`` does not divide among them."""
+  devices = jax.local_devices()
+  if len(devices) < 2 or batch_size % len(devices):
+    return None
+  return NamedSharding(jax.sharding.Mesh(np.array(devices), ('batch',)), P('batch'))
+
+
 class ShardedSampler:
   """Runs a per-sample sampler on a fixed global batch over all devices of all hosts.
 

@@ -173,9 +173,9 @@ def _dataset_images(dataset: str, batch_size: int):
     raise RunError(f'config.fid.dataset={dataset}: no such file or directory')
   has_shards = os.path.isdir(dataset) and io.complete_shards(dataset)
   if dataset.endswith('.npz') or has_shards:
-    return fid.iter_npz_images(dataset)
+    return io.iter_npz_images(dataset)
   try:
-    return fid.iter_image_files(dataset, batch_size)
+    return io.iter_image_files(dataset, batch_size)
   except FileNotFoundError as e:
     raise RunError(f'config.fid.dataset: {e}') from None
 
@@ -235,7 +235,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
     mu_ref, sigma_ref = fid.load_stats(config.fid.ref_stats, dim=net.feature_dim)
   except (FileNotFoundError, ValueError) as e:
     raise RunError(f'config.fid.ref_stats: {e}') from None
-  images = fid.iter_npz_images([io.shard_path(workdir, k) for k in range(len(sizes))])
+  images = io.iter_npz_images([io.shard_path(workdir, k) for k in range(len(sizes))])
   mu, sigma, logits = fid.compute_statistics(net, images, num=num, with_logits=True)
   score = fid.frechet_distance(mu, sigma, mu_ref, sigma_ref)
   is_mean, is_std = fid.inception_score(logits, num_splits=min(_IS_SPLITS, num))

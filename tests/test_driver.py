@@ -74,9 +74,9 @@ def run_main(workdir, *flags, devices=1, config=CONFIG) -> subprocess.CompletedP
 
 def load_run(workdir) -> np.ndarray:
   """All samples of a workdir, in global sample order."""
-  shards = list(io.iter_shards(str(workdir)))
-  assert shards, f'no shards in {workdir}'
-  return np.concatenate([samples for _, samples, _ in shards])
+  paths = io.shard_paths(str(workdir))
+  assert paths, f'no shards in {workdir}'
+  return np.concatenate([io.read_shard(p)[0] for p in paths])
 
 
 # The reference run: 64 samples in 32 shards of 2 on one device, uninterrupted.
@@ -397,7 +397,7 @@ def test_conditional_network_samples_with_labels(edm_dirs, tmp_path):
                     config='configs/cifar10.py:edm,cond,tiny')
   assert result.returncode == 0, result.stderr
   labels = []
-  for _, samples, shard_labels in io.iter_shards(str(tmp_path)):
+  for samples, shard_labels in map(io.read_shard, io.shard_paths(str(tmp_path))):
     assert samples.shape == (4, 8, 8, 3) and samples.dtype == np.uint8
     assert shard_labels is not None and shard_labels.shape == (4,)
     labels.append(shard_labels)

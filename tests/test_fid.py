@@ -22,6 +22,7 @@ import scipy.stats
 from checkpoints_convert import inception as convert_inception
 from checkpoints_convert.reader import CheckpointError, read_state_dict
 from isir_jax import fid
+from isir_jax import io
 from isir_jax import fid_math
 from isir_jax.networks.inception import Classifier
 
@@ -163,17 +164,17 @@ def test_iter_image_files_folder_and_zip(tmp_path):
     for name in names:
       z.write(tmp_path / 'imgs' / name, name)
   for source in (tmp_path / 'imgs', tmp_path / 'imgs.zip'):
-    got = np.concatenate(list(fid.iter_image_files(str(source), batch_size=2)))
+    got = np.concatenate(list(io.iter_image_files(str(source), batch_size=2)))
     np.testing.assert_array_equal(got, images[[1, 2, 0]])
 
 
 def test_iter_npz_images_in_shard_order(tmp_path):
   for k in (10, 2, 0):
     np.savez(tmp_path / f'samples_{k}.npz', samples=np.full([1, 4, 4, 3], k, np.uint8))
-  assert [int(b[0, 0, 0, 0]) for b in fid.iter_npz_images(str(tmp_path))] == [0, 2, 10]
+  assert [int(b[0, 0, 0, 0]) for b in io.iter_npz_images(str(tmp_path))] == [0, 2, 10]
   np.savez(tmp_path / 'other.npz', x=np.zeros(1))
   with pytest.raises(ValueError, match=r"other\.npz: no 'samples' array"):
-    next(fid.iter_npz_images([str(tmp_path / 'other.npz')]))
+    next(io.iter_npz_images([str(tmp_path / 'other.npz')]))
 
 
 # --- Input pipeline: resize and normalisation. ---

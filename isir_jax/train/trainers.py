@@ -6,7 +6,6 @@ resumes), and writes the final model in the layout the loaders read
 (``isir_jax.checkpoints``) to the directory the config names.
 """
 
-import glob
 import os
 from typing import Any, Optional
 
@@ -19,6 +18,7 @@ import numpy as np
 from isir_jax import checkpoints
 from isir_jax import discriminator as dg
 from isir_jax import denoiser as denoiser_lib
+from isir_jax import io
 from isir_jax.networks import precond
 from isir_jax.train import digits_data
 from isir_jax.train import feature_net
@@ -72,13 +72,12 @@ def load_images(path: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
 
 
 def load_shards(directory: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
-  """Concatenates the sample shards ``DIR/samples*.npz`` in index order (DG's ``gendir``)."""
-  paths = glob.glob(os.path.join(directory, 'sample*.npz'))
+  """Concatenates the sample shards of a run directory in index order (DG's ``gendir``)."""
+  paths = io.shard_paths(directory)
   if not paths:
-    raise FileNotFoundError(f'{directory}: no sample*.npz shards (generate them with '
+    raise FileNotFoundError(f'{directory}: no samples_<k>.npz shards (generate them with '
                             'main.py --mode=sample first)')
-  key = lambda p: (len(p), p)  # samples_2 before samples_10
-  parts = [load_images(p) for p in sorted(paths, key=key)]
+  parts = [load_images(p) for p in paths]
   labels = None if parts[0][1] is None else np.concatenate([p[1] for p in parts])
   return np.concatenate([p[0] for p in parts]), labels
 
