@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -58,9 +58,46 @@ def load_config(directory: str) -> dict:
     return json.load(f)
 
 
-def load_model(directory: str) -> tuple[Any, dict]:
-  """Returns ``(params, config)`` of a model directory written by ``save_model``."""
+def load_model(directory: str, family: str | tuple[str, ...] | None = None,
+               expected: Optional[Callable[[dict], Any]] = None) -> tuple[Any, dict]:
+  """Returns ``(params, config)`` of a model directory written by ``save_model``.
+
+  Args:
+    directory: the model directory.
+    family: the accepted ``config['family']`` value(s) (None: any).
+    expected: ``config -> abstract params`` (e.g. ``jax.eval_shape`` of the module's
+      init): the stored params must have the same keys and shapes.
+
+  Raises:
+    FileNotFoundError: no ``config.json``.
+    ValueError: another family, or params whose tree differs from ``expected`` (the
+      message names the first key that differs and both shapes).
+  """
   config = load_config(directory)
+  families = (family,) if isinstance(family, str) else family
+  if families is not None and config.get('family') not in families:
+    raise ValueError(f'{directory}/{CONFIG_NAME}: family is {config.get("family")!r}, expected '
+                     f'{" or ".join(repr(f) for f in families)}')
   with ocp.PyTreeCheckpointer() as ckptr:
     params = ckptr.restore(os.path.join(os.path.abspath(directory), PARAMS_NAME))
+  if expected is not None:
+    problem = tree_difference(expected(config), params)
+    if problem:
+      raise ValueError(f'{directory}/{PARAMS_NAME}: {problem} (does config.json match the '
+                       'params?)')
   return params, config
+
+
+def tree_difference(expected: Any, actual: Any) -> Optional[str]:
+  """The first difference between two trees of arrays (keys, then shapes), or None."""
+  flat = lambda tree: {jax.tree_util.keystr(path): np.shape(leaf) for path, leaf
+                       in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  want, have = flat(expected), flat(actual)
+  for key in sorted(set(want) | set(have)):
+    if key not in have:
+      return f'missing {key} (expected shape {want[key]})'
+    if key not in want:
+      return f'unexpected {key} (shape {have[key]})'
+    if want[key] != have[key]:
+      return f'{key} has shape {have[key]}, expected {want[key]}'
+  return None

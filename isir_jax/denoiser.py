@@ -58,15 +58,13 @@ class Denoiser:
     return float(self.module.sigma_max)
 
   @property
-  def img_resolution(self) -> int:
-    return self.module.img_resolution
-
-  @property
-  def img_channels(self) -> int:
-    return self.module.img_channels
+  def shape(self) -> tuple[int, int, int]:
+    """Image shape (H, W, C)."""
+    return (self.module.img_resolution, self.module.img_resolution, self.module.img_channels)
 
   @property
   def label_dim(self) -> int:
+    """Number of classes of a conditional network (0: unconditional)."""
     return self.module.label_dim
 
 
@@ -80,10 +78,11 @@ def load_denoiser(directory: str, dtype: Any = jnp.float32) -> Denoiser:
   Returns:
     The :class:`Denoiser`.
   """
-  params, config = checkpoints.load_model(directory)
-  if config.get('family') != FAMILY:
-    raise ValueError(f'{directory}/{checkpoints.CONFIG_NAME}: family is '
-                     f'{config.get("family")!r}, expected {FAMILY!r} (an EDM denoiser)')
+  def expected(config):
+    module = precond.build_precond(config['module'])
+    return jax.eval_shape(module.init, jax.random.key(0), *precond.example_inputs(module))
+
+  params, config = checkpoints.load_model(directory, FAMILY, expected)
   module = precond.build_precond(config['module'], dtype=dtype)
   params = jax.tree_util.tree_map(jnp.asarray, params)
   return Denoiser.from_module(module, params)

@@ -118,8 +118,6 @@ class DGDiscriminator(flax.struct.PyTreeNode):
   def from_config(cls, params: Any, config: dict, dtype: Any = jnp.float32
                   ) -> 'DGDiscriminator':
     """Builds the discriminator from a model directory's ``(params, config)``."""
-    if config.get('family') != FAMILY:
-      raise ValueError(f'config family is {config.get("family")!r}, expected {FAMILY!r}')
     return cls.from_modules(module_from_config(config['encoder'], dtype),
                             module_from_config(config['head'], dtype), params, config)
 
@@ -215,7 +213,7 @@ def load_discriminator(directory: str, dtype: Any = jnp.float32) -> DGDiscrimina
     directory: model directory (``config.json`` + orbax ``params/``).
     dtype: network compute dtype (``jnp.bfloat16`` for faster TPU/GPU compute).
   """
-  params, config = checkpoints.load_model(directory)
+  params, config = checkpoints.load_model(directory, FAMILY)
   params = jax.tree_util.tree_map(jnp.asarray, params)
   return DGDiscriminator.from_config(params, config, dtype)
 

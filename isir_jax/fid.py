@@ -79,11 +79,7 @@ class InceptionFID:
         original Inception Score code and StyleGAN-ADA, which use ``pool3 @ W``.
       precision: ``jax.lax.Precision`` for the network (None: backend default).
     """
-    config = checkpoints.load_config(directory)
-    if config.get('family') != FAMILY:
-      raise ValueError(f'{directory}: expected a converted FID Inception (family {FAMILY!r}), '
-                       f'got family {config.get("family")!r}')
-    variables, config = checkpoints.load_model(directory)
+    variables, config = checkpoints.load_model(directory, FAMILY)
     module = InceptionV3FID(output_bias=output_bias, precision=precision, **config['module'])
     return cls(module, variables, batch_size)
 

@@ -85,7 +85,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> None:
   if main:
     _check_workdir(workdir)
   models = sampling.load_models(config)
-  label_dim = sampling.label_dim(models[0])
+  label_dim = models[0].label_dim
   if label_dim and not -1 <= config.sample.class_idx < label_dim:
     raise RunError(f'config.sample.class_idx must be -1 (random) or in [0, {label_dim}), '
                    f'got {config.sample.class_idx}')

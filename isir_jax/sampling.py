@@ -108,14 +108,10 @@ def load_models(config: ml_collections.ConfigDict,
   return denoiser, (discriminator if needs_disc else None)
 
 
-def label_dim(denoiser) -> int:
-  return int(getattr(denoiser, 'label_dim', 0) or 0)
-
-
 def _check_conditioning(config, denoiser, discriminator) -> None:
   """Refuses a conditional config with unconditional networks, and vice versa."""
   want = bool(config.model.conditional)
-  nets = [('denoiser', label_dim(denoiser) > 0)]
+  nets = [('denoiser', denoiser.label_dim > 0)]
   if discriminator is not None:
     head = getattr(discriminator, 'head', None)
     nets.append(('discriminator', bool(getattr(head, 'num_classes', 0))))
@@ -142,13 +138,13 @@ def warmup_thresholds(config: ml_collections.ConfigDict, denoiser, discriminator
   """
   settings = {k: v for k, v in config.sampler.items() if k not in DRIVER_SAMPLER_KEYS}
   step = dataclasses.asdict(edm.split_settings(settings)[0])
-  shape = (denoiser.img_resolution, denoiser.img_resolution, denoiser.img_channels)
+  shape = denoiser.shape
   warmup = parallel.ShardedSampler(
       lambda models, keys, labels: diffrs.warmup_log_ratios(*models, keys, labels,
                                                             shape=shape, **step),
       config.sample.batch_size, (denoiser, discriminator))
   base = parallel.base_key(config.seed, parallel.WARMUP_STREAM)
-  num_classes = label_dim(denoiser)
+  num_classes = denoiser.label_dim
   log_ratios = []
   num = config.sampler.warmup_samples
   for start in tqdm(range(0, num, config.sample.batch_size), desc='diffrs warm-up',
@@ -191,7 +187,7 @@ def make_sample_fn(config: ml_collections.ConfigDict, denoiser, discriminator,
   are arguments of the compiled program. The settings are checked here, once.
   """
   settings = {k: v for k, v in config.sampler.items() if k not in DRIVER_SAMPLER_KEYS}
-  shape = (denoiser.img_resolution, denoiser.img_resolution, denoiser.img_channels)
+  shape = denoiser.shape
   factory = samplers.get_sampler(config.sampler.name)
   try:
     if config.sampler.name == 'diffrs':
@@ -239,7 +235,7 @@ class Sampler:
                workdir: str):
     self.config = config
     self.denoiser, self.discriminator = models
-    self.label_dim = label_dim(self.denoiser)
+    self.label_dim = self.denoiser.label_dim
     self.batch_size = config.sample.batch_size
     self.base = parallel.base_key(config.seed)
     fn = make_sample_fn(config, self.denoiser, self.discriminator, workdir)

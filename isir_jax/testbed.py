@@ -70,14 +70,6 @@ class MixtureDenoiser:
   sigma_max: float = 80.0
   label_dim: int = 0
 
-  @property
-  def img_resolution(self) -> int:
-    return self.shape[0]
-
-  @property
-  def img_channels(self) -> int:
-    return self.shape[-1]
-
   def __call__(self, x: Array, sigma: Array, class_labels: Optional[Array] = None) -> Array:
     del class_labels  # Unconditional.
     xf, s = _flat(x, sigma)

@@ -13,10 +13,12 @@ Array = jax.Array
 
 
 class Denoiser(Protocol):
-  """EDM denoiser ``D(x; sigma)`` with its noise-level range."""
+  """EDM denoiser ``D(x; sigma)`` with its noise-level range, image shape and classes."""
 
   sigma_min: float
   sigma_max: float
+  shape: tuple[int, int, int]   # (H, W, C)
+  label_dim: int                # number of classes; 0 for an unconditional network
 
   def __call__(self, x: Array, sigma: Array,
                class_labels: Optional[Array] = None) -> Array:

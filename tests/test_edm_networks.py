@@ -85,7 +85,7 @@ def test_parity_with_reference(converted, name):
   assert den.sigma_min == pytest.approx(float(ref['sigma_min']), rel=1e-6)
   assert den.sigma_max == pytest.approx(float(ref['sigma_max']), rel=1e-6)
   np.testing.assert_allclose(den.round_sigma(ref['sigma']), ref['round_sigma'], rtol=2e-5)
-  assert den.img_resolution == ref['x'].shape[1] and den.img_channels == ref['x'].shape[3]
+  assert den.shape == ref['x'].shape[1:]
   assert den.label_dim == (0 if labels is None else labels.shape[1])
 
 

@@ -123,7 +123,7 @@ def test_load_rejects_other_model_directories(tmp_path):
   with pytest.raises(FileNotFoundError, match='not a converted model directory'):
     fid.InceptionFID.load(str(tmp_path))
   (tmp_path / 'config.json').write_text(json.dumps({'family': 'edm', 'module': {}}))
-  with pytest.raises(ValueError, match="expected a converted FID Inception .* got family 'edm'"):
+  with pytest.raises(ValueError, match="family is 'edm', expected 'inception_fid'"):
     fid.InceptionFID.load(str(tmp_path))
 
 

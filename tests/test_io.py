@@ -7,6 +7,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from isir_jax import checkpoints
 from isir_jax import io
 
 
@@ -96,3 +97,20 @@ def test_check_writable(tmp_path):
   blocker.write_text('')
   with pytest.raises(OSError, match='is not writable'):
     io.check_writable(str(blocker / 'sub'))
+
+
+def test_load_model_checks_family_and_shapes(tmp_path):
+  params = {'dense': {'kernel': np.zeros((3, 4), np.float32), 'bias': np.zeros(4, np.float32)}}
+  checkpoints.save_model(str(tmp_path / 'm'), params, {'family': 'toy'})
+  expected = lambda config: params
+  got, config = checkpoints.load_model(str(tmp_path / 'm'), 'toy', expected)
+  np.testing.assert_array_equal(got['dense']['kernel'], params['dense']['kernel'])
+  with pytest.raises(ValueError, match=r"family is 'toy', expected 'edm' or 'other'"):
+    checkpoints.load_model(str(tmp_path / 'm'), ('edm', 'other'))
+  wider = lambda config: {'dense': {'kernel': np.zeros((3, 5)), 'bias': np.zeros(4)}}
+  with pytest.raises(ValueError, match=r"\['dense'\]\['kernel'\] has shape \(3, 4\), expected "
+                                       r"\(3, 5\)"):
+    checkpoints.load_model(str(tmp_path / 'm'), 'toy', wider)
+  more = lambda config: dict(params, extra={'w': np.zeros(2)})
+  with pytest.raises(ValueError, match=r"missing \['extra'\]\['w'\] \(expected shape \(2,\)\)"):
+    checkpoints.load_model(str(tmp_path / 'm'), 'toy', more)

@@ -67,10 +67,7 @@ class FeatureNet:
 
 def load_feature_net(directory: str) -> FeatureNet:
   """Loads a feature net written by ``train_feature_net``."""
-  params, config = checkpoints.load_model(directory)
-  if config.get('family') != FAMILY:
-    raise ValueError(f'{directory}: config.json family is {config.get("family")!r}, '
-                     f'expected {FAMILY!r}')
+  params, config = checkpoints.load_model(directory, FAMILY)
   return FeatureNet(DigitFeatureNet(**config['module']), params)
 
 

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from isir_jax import checkpoints
-from isir_jax import discriminator as dg
+from isir_jax import discriminator as disc_lib
 from isir_jax import denoiser as denoiser_lib
 from isir_jax import io
 from isir_jax.networks import precond
@@ -25,7 +25,7 @@ from isir_jax.train import feature_net
 from isir_jax.train import losses
 from isir_jax.train import loop
 
-CLASSIFIER_FAMILY = dg.CLASSIFIER_FAMILY
+CLASSIFIER_FAMILY = disc_lib.CLASSIFIER_FAMILY
 
 
 def _kwargs(cfg: ml_collections.ConfigDict) -> dict:
@@ -138,14 +138,10 @@ def load_classifier(directory: str) -> tuple[dict, Any]:
   Accepts an ``adm_classifier`` dir (written by ``train_classifier``) or a
   ``dg_discriminator`` dir (converted ``32x32_classifier.pt``), whose encoder is used.
   """
-  params, config = checkpoints.load_model(directory)
-  family = config.get('family')
-  if family == CLASSIFIER_FAMILY:
+  params, config = checkpoints.load_model(directory, (CLASSIFIER_FAMILY, disc_lib.FAMILY))
+  if config['family'] == CLASSIFIER_FAMILY:
     return config['module'], params
-  if family == dg.FAMILY:
-    return config['encoder'], params['encoder']
-  raise ValueError(f'{directory}: config.json family is {family!r}, expected '
-                   f'{CLASSIFIER_FAMILY!r} or {dg.FAMILY!r}')
+  return config['encoder'], params['encoder']
 
 
 def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
@@ -156,7 +152,7 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> list[di
   """
   cfg = config.train.classifier
   images, labels = digits_data.load_digits(config.data.path)
-  module = dg.module_from_config(_kwargs(cfg.arch))
+  module = disc_lib.module_from_config(_kwargs(cfg.arch))
   params = module.init(jax.random.key(config.seed), images[:1], jnp.zeros((1,)))['params']
 
   def loss_fn(p, batch, key):
@@ -210,7 +206,7 @@ def train_discriminator(config: ml_collections.ConfigDict, workdir: str) -> list
   """
   cfg = config.train.discriminator
   enc_kwargs, enc_params = load_classifier(cfg.classifier)
-  encoder = dg.module_from_config(enc_kwargs)
+  encoder = disc_lib.module_from_config(enc_kwargs)
   real_x, real_y = load_images(cfg.real_data)
   gen_x, gen_y = load_shards(cfg.gen_dir)
   n = cfg.num_data
@@ -232,7 +228,7 @@ def train_discriminator(config: ml_collections.ConfigDict, workdir: str) -> list
                      for part, (tr, _) in zip((real, gen), splits)))
   heldout = [{k: v[ho] for k, v in part.items()} for part, (_, ho) in zip((real, gen), splits)]
 
-  head = dg.module_from_config(head_kwargs)
+  head = disc_lib.module_from_config(head_kwargs)
   feats = jax.eval_shape(lambda: encoder.apply({'params': enc_params}, real_x[:1],
                                                jnp.zeros((1,)), feature=True))
   if feats.shape[1:] != (head.image_size, head.image_size, head.in_channels):
@@ -242,7 +238,7 @@ def train_discriminator(config: ml_collections.ConfigDict, workdir: str) -> list
   labels0 = jnp.zeros((1,), jnp.int32) if head.num_classes else None
   head_params = head.init(jax.random.key(config.seed), jnp.zeros((1,) + feats.shape[1:]),
                           jnp.zeros((1,)), labels0)['params']
-  disc = dg.DGDiscriminator.from_modules(encoder, head, {'encoder': enc_params,
+  disc = disc_lib.DGDiscriminator.from_modules(encoder, head, {'encoder': enc_params,
                                                          'head': head_params})
 
   def loss_fn(p, batch, key):
