@@ -189,7 +189,8 @@ def _diffrs_thresholds(config, denoiser, discriminator, workdir: str, settings: 
   for start in tqdm(range(0, num, config.sample.batch_size), desc='diffrs warm-up',
                     disable=not main):
     indices = np.arange(start, start + config.sample.batch_size)
-    labels = parallel.sample_labels(base, indices, label_dim) if label_dim else None
+    labels = (parallel.sample_labels(base, indices, label_dim, config.sample.class_idx)
+              if label_dim else None)
     log_ratios.append(warmup(base, start, labels))
   log_ratios = np.concatenate(log_ratios)[:num]
   thresholds = diffrs.thresholds_from_log_ratios(log_ratios, config.sampler.rej_percentile)
