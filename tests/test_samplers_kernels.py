@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import cifar10, digits
 from isir_jax import samplers, testbed
 from isir_jax.samplers import edm, isir, schedule
 
@@ -314,3 +315,19 @@ def test_class_labels_stay_with_their_samples(name, settings, preferred):
                                                 num_steps=6, **settings))(sample_keys(9, b),
                                                                           labels)
       assert np.mean(_echo_sides(x, classes) > 0) < preferred - 0.1
+
+
+def test_isir_ancestral_configs_build_their_samplers():
+  """The shared-mean ISIR setting of the configs is accepted and costs 1 NFE per step."""
+  bed = testbed.make_testbed('gmm64')
+  driver_keys = ('name', 'rej_percentile', 'warmup_samples', 'thresholds')
+  configs = [dict(cifar10.get_config(arg).sampler) for arg in ('isir_ancestral',
+                                                                'isir_ancestral,tiny')]
+  configs.append(dict(digits.get_config().demo.samplers.isir_ancestral))
+  for sampler_config in configs:
+    assert sampler_config['proposal'] == 'ancestral'
+    settings = {k: v for k, v in sampler_config.items() if k not in driver_keys}
+    fn = samplers.get_sampler('isir')(bed.model_denoiser, bed.discriminator, shape=bed.shape,
+                                      **settings)
+    _, stats = jax.eval_shape(fn, sample_keys(0, 2))
+    assert stats['nfe'].shape == (2,)
