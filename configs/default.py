@@ -88,8 +88,9 @@ def sampler_config(method: str) -> ml_collections.ConfigDict:
     # 7 divides this default's 21 proposals and the 7 of isir_stochastic.
     s.candidate_chunk = ml_collections.FieldReference(7, field_type=int)
   if method == 'isir_stochastic':
-    # Recommended: stochastic proposals (EDM churn), so every step's i-SIR acts;
-    # 2 (N + (K-1)(N-1)) = 14 NFE per step. A starting point, not tuned for FID.
+    # Recommended: stochastic proposals (EDM churn), so i-SIR acts at every step with churn
+    # (14 of 18: the first two and last two are outside [S_min, S_max] and run plain, 2 NFE);
+    # 2 (N + (K-1)(N-1)) = 14 NFE per corrected step. A starting point, not tuned for FID.
     s.num_candidates = 4
     s.num_iterations = 2
     s.initial_only = False
