@@ -55,19 +55,30 @@ _OUT = flags.DEFINE_string('out', os.path.join(os.path.dirname(os.path.abspath(_
 
 # Label -> (demo sampler section of configs/digits.py, overrides of its settings).
 CHURN = dict(S_churn=5.0, S_min=0.01, S_max=50.0, S_noise=1.0)
+ANCESTRAL = dict(proposal='ancestral', eta=1.0)
 SETTINGS = {
     'edm': ('edm', {}),
     'edm churn': ('edm', CHURN),
+    'edm ancestral': ('edm', ANCESTRAL),
     'dg w1=2 (default)': ('dg', {}),
     'dg w1=4': ('dg', dict(dg_weight_1st_order=4.0)),
     'diffrs p=0.75 (default)': ('diffrs', dict(rej_percentile=0.75)),
     'diffrs p=0.9': ('diffrs', dict(rej_percentile=0.9)),
     'isir churn N=4 K=1': ('isir_stochastic', dict(num_candidates=4, num_iterations=1)),
     'isir churn N=4 K=2': ('isir_stochastic', dict(num_candidates=4, num_iterations=2)),
+    'isir ancestral N=8 K=1': ('isir_ancestral', dict(num_candidates=8, num_iterations=1)),
+    'isir ancestral N=8 K=2': ('isir_ancestral', dict(num_candidates=8, num_iterations=2)),
+    'isir ancestral N=16 K=1': ('isir_ancestral', dict(num_candidates=16, num_iterations=1)),
 }
-# The sweep of each testbed, chosen to fit about an hour on a 2-core CPU at 1,000 samples x
-# 5 seeds. Left out for time: DG w1=1, DiffRS p=0.5, churned ISIR with N=8 (280 NFE).
-SWEEPS = {'skew': tuple(SETTINGS), 'natural': tuple(SETTINGS)}
+# The sweep of each testbed, chosen to fit about an hour on an idle 2-core CPU at 1,000
+# samples x 5 seeds. Left out for time: DG w1=1, DiffRS p=0.5, churned ISIR with N=8
+# (280 NFE), the DPM-Solver++(2M) kernel, and on the natural model every second setting
+# of a sweep.
+SWEEPS = {
+    'skew': tuple(SETTINGS),
+    'natural': ('edm', 'edm churn', 'edm ancestral', 'dg w1=2 (default)',
+                'diffrs p=0.75 (default)', 'isir churn N=4 K=1', 'isir ancestral N=8 K=1'),
+}
 TINY_SETTINGS = ('edm', 'dg w1=2 (default)', 'isir churn N=4 K=1')
 # Paired against this setting on the same seed.
 BASELINE = 'edm'
@@ -231,7 +242,7 @@ def main(argv):
               if not _ONLY.value or label in _ONLY.value]
     config = testbed_config(testbed, tiny)
     denoiser, discriminator, net = demo.load_models(config)
-    costs = cost.digits_costs(denoiser, discriminator)
+    costs = cost.measure(denoiser, discriminator, denoiser.shape)
     reference = demo.reference_frequencies(config)
     # Seed-major, so that an interrupted run still has every setting at the first seeds.
     for seed in range(seeds):

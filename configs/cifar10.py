@@ -1,7 +1,7 @@
 """CIFAR-10 32x32 with EDM's VP networks and DG's discriminators.
 
 ``--config=configs/cifar10.py:METHOD[,cond][,tiny]`` with METHOD one of
-edm | dg | diffrs | isir | isir_stochastic (default isir); ``cond`` selects the
+edm | dg | diffrs | isir | isir_stochastic | isir_ancestral (default isir); ``cond`` selects the
 class-conditional networks, ``tiny`` a few-second smoke run of the same path.
 The model paths are directories converted once from the published checkpoints:
 

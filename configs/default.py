@@ -15,7 +15,7 @@ the seed's ``isir_code.py``).
 import ml_collections
 
 # Config-argument tokens naming a sampler setting (see `sampler_config`).
-METHODS = ('edm', 'dg', 'diffrs', 'isir', 'isir_stochastic')
+METHODS = ('edm', 'dg', 'diffrs', 'isir', 'isir_stochastic', 'isir_ancestral')
 
 
 def parse_arg(arg: str | None, filename: str, flags: tuple[str, ...],
@@ -55,6 +55,12 @@ def sampler_config(method: str) -> ml_collections.ConfigDict:
   s.S_min = 0.0                   # churn only where S_min <= t_i <= S_max
   s.S_max = float('inf')
   s.S_noise = 1.0                 # noise inflation of the churn
+  # Proposal kernel of every step: 'churn' (EDM's churned Heun/Euler step, above), or a
+  # shared mean plus noise, one denoiser call per step: 'ancestral' (DDIM(eta); eta = 1 is
+  # the DDPM posterior) or 'dpmpp_2m_sde' (DPM-Solver++(2M) SDE). solver and S_* act on
+  # 'churn' only (S_churn must be 0 otherwise), eta on the others. DG needs 'churn'.
+  s.proposal = 'churn'
+  s.eta = 1.0
   if s.name == 'dg':
     s.dg_weight_1st_order = 2.0   # DG weight w1 in the Euler part (EDM-G++: 2)
     s.dg_weight_2nd_order = 0.0   # DG weight w2 in the Heun correction
@@ -82,14 +88,27 @@ def sampler_config(method: str) -> ml_collections.ConfigDict:
     # 7 divides this default's 21 proposals and the 7 of isir_stochastic.
     s.candidate_chunk = ml_collections.FieldReference(7, field_type=int)
   if method == 'isir_stochastic':
-    # Recommended: stochastic proposals (EDM churn), so every step's i-SIR acts;
-    # 2 (N + (K-1)(N-1)) = 14 NFE per step. A starting point, not tuned for FID.
+    # Recommended: stochastic proposals (EDM churn), so i-SIR acts at every step with churn
+    # (14 of 18: the first two and last two are outside [S_min, S_max] and run plain, 2 NFE);
+    # 2 (N + (K-1)(N-1)) = 14 NFE per corrected step. A starting point, not tuned for FID.
     s.num_candidates = 4
     s.num_iterations = 2
     s.initial_only = False
     s.S_churn = 5.0
     s.S_min = 0.01
     s.S_max = 50.0
+  if method == 'isir_ancestral':
+    # Shared-mean proposals: the N + (K-1)(N-1) = 15 candidates of a step are the DDPM
+    # posterior mean (one denoiser call) plus their own noise, so a step costs 1 NFE and
+    # 15 discriminator evaluations (the last step, deterministic, 1 NFE and none).
+    # Exact testbed (benchmarks/results/testbed.md): a fraction of isir_stochastic's
+    # GFLOP, with a higher error floor. A starting point, not tuned for FID.
+    s.proposal = 'ancestral'
+    s.eta = 1.0
+    s.num_candidates = 8
+    s.num_iterations = 2
+    s.initial_only = False
+    s.candidate_chunk = 5
   return s
 
 

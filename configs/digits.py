@@ -1,10 +1,10 @@
 """The bundled handwritten-digits demo: 8x8 digits, small trained networks, four methods.
 
 ``--config=configs/digits.py[:METHOD][,all][,tiny]``: METHOD (edm | dg | diffrs | isir |
-isir_stochastic, default isir_stochastic) sets ``config.sampler`` for ``--mode=sample``;
-``--mode=demo`` samples with every method of ``config.demo.methods`` (EDM and ISIR,
-which fit the 2-minute budget of ``make demo``; ``all`` adds DG and DiffRS) and prints a
-table. The models are the committed assets under ``isir_jax/assets/digits/``,
+isir_stochastic | isir_ancestral, default isir_stochastic) sets ``config.sampler`` for
+``--mode=sample``; ``--mode=demo`` samples with every method of ``config.demo.methods``
+(EDM and ISIR, which fit the 2-minute budget of ``make demo``; ``all`` adds DG and DiffRS)
+and prints a table. The models are the committed assets under ``isir_jax/assets/digits/``,
 reproduced by the ``--mode=train_*`` commands of the README (in that order):
 
   train_feature_net     clean-digit classifier whose features define FD-digits
@@ -105,6 +105,10 @@ def demo_samplers() -> ml_collections.ConfigDict:
                      **step),
       # i-SIR, N candidates x K iterations per step: 2 (N + (K-1)(N-1)) NFE per step.
       'isir_stochastic': dict(name='isir', num_candidates=4, num_iterations=2, **step, **churn),
+      # i-SIR with shared-mean (DDPM posterior) proposals: 1 NFE and N + (K-1)(N-1)
+      # discriminator evaluations per step.
+      'isir_ancestral': dict(name='isir', proposal='ancestral', eta=1.0, num_candidates=8,
+                             num_iterations=2, **step),
   })
 
 

@@ -375,6 +375,32 @@ def test_diffrs_thresholds_estimated_once(tmp_path):
     np.testing.assert_array_equal(data['log_ratio'], saved)
 
 
+class _LabelRecorder:
+  """A discriminator wrapper recording, at run time, the classes of the labels it is given."""
+
+  def __init__(self, inner):
+    self.inner, self.classes = inner, []
+
+  def log_ratio(self, x, sigma, class_labels=None):
+    jax.debug.callback(lambda c: self.classes.extend(np.asarray(c).tolist()),
+                       jnp.argmax(class_labels, axis=1))
+    return self.inner.log_ratio(x, sigma)
+
+
+def test_diffrs_warmup_keeps_the_fixed_class(tmp_path):
+  """A fixed-class conditional run warms its thresholds up on that class (as upstream)."""
+  from isir_jax import testbed  # pylint: disable=g-import-not-at-top
+  tb = testbed.make_testbed('gmm64')
+  config = testbed_config.get_config('diffrs,tiny')
+  config.model.conditional = True
+  config.sample.class_idx = 3
+  denoiser = testbed.MixtureDenoiser(tb.model, tb.shape, label_dim=10)
+  disc = _LabelRecorder(tb.discriminator)
+  sampling.warmup_thresholds(config, denoiser, disc)
+  jax.effects_barrier()
+  assert disc.classes and set(disc.classes) == {3}
+
+
 # --- Converted EDM networks (the repository's random-weight fixtures, 16x16 / 8x8). ---
 
 

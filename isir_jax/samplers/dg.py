@@ -10,6 +10,9 @@ the guidance window, where the reference reports 1e7). On steps ``i % 5 == 0`` t
 whose carried log ratio is negative are churned with ``S_churn = 4`` (and ``S_noise = 1``);
 on steps ``i % 2 == 0`` the guidance of samples whose *current* log ratio is negative is
 doubled. Deviation from the reference: the window is applied per sample, not to the batch.
+
+DG keeps EDM's churned step (``proposal='churn'``): the guidance term modifies the ODE
+direction, which the shared-mean kernels do not have.
 """
 
 import dataclasses
@@ -38,6 +41,9 @@ class DGSettings:
 
 def _parse(settings: dict) -> tuple[edm.StepSettings, DGSettings]:
   step, rest = edm.split_settings(settings)
+  if step.proposal != 'churn':
+    raise ValueError(f"dg: guidance acts on EDM's churned step; proposal must be 'churn', got "
+                     f'{step.proposal!r}')
   return step, DGSettings(**rest)
 
 
@@ -56,8 +62,9 @@ def dg_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Array
       (0), time_min (0.01), time_max (1.0), boosting (False).
 
   Returns:
-    images [B, *shape] and stats {'nfe': [B]} (denoiser evaluations; the discriminator
-    gradient calls are not counted, as in the papers).
+    images [B, *shape] and stats `edm.cost_stats`: 'nfe', 'disc_grads' (the guidance calls
+    that ran: one per step and order where some sample of the batch is inside the window;
+    each computes the log ratio with the gradient) and 'disc_evals' = 0.
   """
   step, dg = _parse(settings)
   t = step.sigmas(denoiser)
@@ -80,11 +87,19 @@ def dg_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Array
       if boost_weight:
         double = (log_ratio < 0) & (i % _BOOST_WEIGHT_PERIOD == 0)
         g = g * edm.per_row(jnp.where(double, 2.0, 1.0), g)
-      return weight * g / edm.per_row(sigma, g), log_ratio
+      return weight * g / edm.per_row(sigma, g), (log_ratio, jnp.any(inside))
     return fn
 
+  def calls(ran1, t_next, heun):
+    """Guidance calls of a step: the first order's, and the second order's in the Heun stage."""
+    count = jnp.zeros([], jnp.int32) if ran1 is None else ran1.astype(jnp.int32)
+    if dg.dg_weight_2nd_order != 0 and heun is not False:
+      inside = jnp.any(schedule.in_guidance_window(t_next, dg.time_min, dg.time_max))
+      count = count + (inside & heun).astype(jnp.int32)
+    return count
+
   def body(carry, i, heun):
-    x, log_ratio = carry
+    x, log_ratio, grads = carry
     t_cur, t_next = edm.full_rows(t[i], batch), edm.full_rows(t[i + 1], batch)
     S_churn, S_noise = jnp.full([batch], step.S_churn), jnp.full([batch], step.S_noise)
     if dg.boosting:
@@ -95,14 +110,16 @@ def dg_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Array
     if step.stochastic or dg.boosting:
       skeys = jax.vmap(lambda k: schedule.step_key(k, i))(keys)
       eps = schedule.candidates_normal(skeys, jnp.arange(1), shape)[:, 0]
-    x, new_ratio = edm.edm_step(
+    x, aux = edm.edm_step(
         denoiser, x, t_cur, t_next, eps, class_labels, gamma=step.gamma(t_cur, S_churn),
         S_noise=S_noise, heun=heun, guide1=guide(dg.dg_weight_1st_order, i, dg.boosting),
         guide2=guide(dg.dg_weight_2nd_order, i, False))
-    return x, (log_ratio if new_ratio is None else new_ratio)
+    new_ratio, ran1 = (log_ratio, None) if aux is None else aux
+    return x, new_ratio, grads + calls(ran1, t_next, heun)
 
-  x, _ = edm.run_steps(body, (x0, jnp.full([batch], jnp.inf)), step)
-  return x, {'nfe': jnp.full([batch], step.total_nfe(), jnp.int32)}
+  x, _, grads = edm.run_steps(
+      body, (x0, jnp.full([batch], jnp.inf), jnp.zeros([], jnp.int32)), step)
+  return x, edm.cost_stats(batch, step.total_nfe(), disc_grads=grads)
 
 
 def dg_sampler(denoiser, discriminator=None, *, shape, **settings) -> Callable:

@@ -12,8 +12,13 @@ Sampling, per sample (the seed's ``generate_diffrs.py``):
     on rejection re-noise back ``b = backsteps`` levels, ``x + sqrt(t_{k-b}^2 - t_k^2) eps``,
     and test there with ``min(1, exp(d(x) - M_{k-b}))`` (the prior test at level 0),
     repeating until a test accepts;
-  * a sample whose denoiser count plus the ``2 n - 1 - 2 k`` evaluations it still needs would
-    pass ``max_iter`` restarts from noise.
+  * a sample whose denoiser count plus the evaluations it still needs from level k (with the
+    configured solver: ``2 n - 1 - 2 k`` for Heun, ``n - k`` for Euler) would pass
+    ``max_iter`` restarts from noise.
+
+The step is EDM's churned step or, with ``proposal='ancestral'``, the DDIM(eta) step of
+`edm` (one denoiser call per step); DPM-Solver++(2M) is refused, as its previous denoiser
+output is not defined after a back-step.
 
 Layout: ``slots`` lanes (default: the batch) each carry one sample at its own level. Every
 loop iteration evaluates the discriminator on all lanes (the pending test), then takes one
@@ -21,7 +26,10 @@ EDM step on the lanes that passed it (all lanes are evaluated, unless none steps
 stage likewise, unless no stepping lane needs it). A finished sample is written to its
 output row and its lane is refilled with the next sample of the batch. All randomness of
 sample b comes from ``keys[b]`` (its n-th loop iteration uses ``fold_in(keys[b], n)``), so
-its result does not depend on the lane it ran in or on the batch.
+its result does not depend on the lane it ran in or on the batch. Counts per sample: 'nfe'
+its own denoiser evaluations (a loop iteration in which some lane steps evaluates every
+lane; the lanes that do not step are not charged), 'disc_evals' one discriminator
+evaluation per loop iteration of the sample (its lane is evaluated every iteration).
 
 Deviations from the reference, all deliberate: a back-step never goes below level 0 (the
 reference would index ``t_{-1}``); ``nfe`` counts every denoiser evaluation spent on the
@@ -74,11 +82,12 @@ def warmup_log_ratios(denoiser, discriminator, keys: Array,
   log_ratios = jnp.zeros([batch, step.num_steps + 1]).at[:, 0].set(d(x0, 0))
 
   def body(carry, i, heun):
-    x, lr = carry
-    x = edm.propose(denoiser, x, keys, first, i, t, class_labels, step, heun)[:, 0]
-    return x, lr.at[:, i + 1].set(d(x, i + 1))
+    state, lr = carry
+    draw, x0_prev = edm.proposals(denoiser, state, keys, i, t, class_labels, step, heun)
+    x = draw(first)[:, 0]
+    return (x, x0_prev), lr.at[:, i + 1].set(d(x, i + 1))
 
-  return edm.run_steps(body, (x0, log_ratios), step)[1]
+  return edm.run_steps(body, (edm.initial_state(x0, step), log_ratios), step)[1]
 
 
 def thresholds_from_log_ratios(log_ratios, rej_percentile: float,
@@ -153,6 +162,9 @@ class DiffRSSettings:
 
 def _parse(settings: dict) -> tuple[edm.StepSettings, DiffRSSettings, Thresholds]:
   step, rest = edm.split_settings(settings)
+  if step.proposal == 'dpmpp_2m_sde':
+    raise ValueError("diffrs: proposal='dpmpp_2m_sde' needs the previous step's denoiser "
+                     "output, undefined after a back-step; use 'churn' or 'ancestral'")
   cfg = DiffRSSettings(**rest)
   if cfg.backsteps < 0 or cfg.min_backsteps < 0:
     raise ValueError(f'diffrs: backsteps and min_backsteps must be >= 0, got '
@@ -188,9 +200,10 @@ def diffrs_sample(denoiser, discriminator, keys: Array, class_labels: Optional[A
       min_backsteps (0), max_backsteps (num_steps), max_iter, slots, max_loops.
 
   Returns:
-    images [B, *shape] and stats: 'nfe' (denoiser evaluations, restarts included),
-    'accept_rate' (accepted / taken tests; 1 when none), 'restarts', 'finished' (False only
-    if the ``max_loops`` cap stopped the loop first).
+    images [B, *shape] and stats: the counts of `edm.cost_stats` ('nfe', restarts
+    included, 'disc_evals', 'disc_grads' = 0; see the module docstring), 'accept_rate'
+    (accepted / taken tests; 1 when none), 'restarts', 'finished' (False only if the
+    ``max_loops`` cap stopped the loop first; the stats of such a sample are those so far).
   """
   step, cfg, th = _parse(settings)
   n = step.num_steps
@@ -200,6 +213,10 @@ def diffrs_sample(denoiser, discriminator, keys: Array, class_labels: Optional[A
   max_loops = cfg.max_loops or 1000 * n * math.ceil(batch / lanes)
   t = step.sigmas(denoiser)
   m_abs, m_inc = jnp.asarray(th.log_ratio), jnp.asarray(th.increment)
+  step_nfe = jnp.asarray(step.nfe_table())
+  # Denoiser evaluations still needed from level k = 0..n.
+  remaining = jnp.asarray(np.cumsum(step.nfe_table()[::-1])[::-1].tolist() + [0])
+  c_mean, _, s_mean = (jnp.asarray(v) for v in step.mean_coefficients(t))
   row = lambda m, x: m.reshape(m.shape + (1,) * (x.ndim - m.ndim))  # per-lane mask
 
   def testable_after_step(k):
@@ -219,6 +236,26 @@ def diffrs_sample(denoiser, discriminator, keys: Array, class_labels: Optional[A
     zeros = jnp.zeros_like(sample)
     return _Lanes(sample, x, zeros, test_at(zeros, False), jnp.zeros(sample.shape), zeros,
                   zeros, zeros, zeros, zeros, zeros)
+
+  def take_step(x, k, eps, labels, stepping):
+    """One step of every lane from its level k to k + 1 (the Heun stage where it steps)."""
+    t_cur, t_next = t[k], t[k + 1]
+    if step.shared_mean:
+      m, _ = edm.shared_mean(denoiser, x, None, t_cur, c_mean[k], None, labels)
+      return m + edm.per_row(s_mean[k], x) * eps if step.stochastic else m
+    heun = (k + 1 < n) & stepping if step.heun else False
+    return edm.edm_step(denoiser, x, t_cur, t_next, eps if step.stochastic else None, labels,
+                        gamma=step.gamma(t_cur), S_noise=step.S_noise, heun=heun)[0]
+
+  def emit(out, out_stats, ln, rows, finished: bool):
+    """Writes the lanes' samples and stats to output ``rows`` (``batch``: dropped)."""
+    rate = jnp.where(ln.tests > 0, ln.accepts / jnp.maximum(ln.tests, 1), 1.0)
+    new = dict(nfe=ln.nfe, disc_evals=ln.events, disc_grads=jnp.zeros_like(ln.nfe),
+               accept_rate=rate, restarts=ln.restarts,
+               finished=jnp.full(rows.shape, finished))
+    out_stats = {k: v.at[rows].set(new[k].astype(v.dtype), mode='drop')
+                 for k, v in out_stats.items()}
+    return out.at[rows].set(ln.x, mode='drop'), out_stats
 
   def body(state):
     ln, out, out_stats, next_sample, loop = state
@@ -249,27 +286,19 @@ def diffrs_sample(denoiser, discriminator, keys: Array, class_labels: Optional[A
     # Heun stage) is evaluated only when some lane needs it, e.g. never at batch 1 after a
     # rejection or when the sample is done.
     k = jnp.minimum(ln.idx, n - 1)
-    t_cur, t_next = t[k], t[k + 1]
-    heun = (k + 1 < n) if step.heun else False
-    x_step = lax.cond(
-        jnp.any(stepping),
-        lambda: edm.edm_step(denoiser, ln.x, t_cur, t_next,
-                             eps_step if step.stochastic else None, labels,
-                             gamma=step.gamma(t_cur), S_noise=step.S_noise,
-                             heun=heun & stepping if step.heun else False)[0],
-        lambda: ln.x)
-    step_nfe = jnp.where(heun, 2, 1) if step.heun else jnp.ones_like(k)
+    x_step = lax.cond(jnp.any(stepping), lambda: take_step(ln.x, k, eps_step, labels, stepping),
+                      lambda: ln.x)
     x = jnp.where(row(stepping, ln.x), x_step, jnp.where(row(rejected, ln.x), x_back, ln.x))
     idx = jnp.where(stepping, ln.idx + 1, jnp.where(rejected, idx_back, ln.idx))
     test = jnp.where(stepping, test_at(idx, True), jnp.where(rejected, test_at(idx, False),
                                                              ln.test))
-    nfe_add = jnp.where(stepping, step_nfe, 0)
+    nfe_add = jnp.where(stepping, step_nfe[k], 0)
     ln = ln._replace(
         x=x, idx=idx, test=test, lr_prev=jnp.where(stepping, d, ln.lr_prev),
         events=ln.events + active, nfe_run=ln.nfe_run + nfe_add, nfe=ln.nfe + nfe_add,
         tests=ln.tests + taken, accepts=ln.accepts + (taken & accept))
     # max_iter: restart samples that could no longer finish within the budget.
-    restart = active & ~done & (ln.nfe_run + 2 * n - 1 - 2 * ln.idx > cfg.max_iter)
+    restart = active & ~done & (ln.nfe_run + remaining[ln.idx] > cfg.max_iter)
     zeros = jnp.zeros_like(ln.idx)
     ln = ln._replace(
         x=jnp.where(row(restart, ln.x), t[0] * eps_restart, ln.x),
@@ -277,15 +306,7 @@ def diffrs_sample(denoiser, discriminator, keys: Array, class_labels: Optional[A
         test=jnp.where(restart, test_at(zeros, False), ln.test),
         restarts=ln.restarts + restart)
     # Emit finished samples to their rows and refill their lanes with the next samples.
-    rows = jnp.where(done, ln.sample, batch)
-    out = out.at[rows].set(ln.x, mode='drop')
-    rate = jnp.where(ln.tests > 0, ln.accepts / jnp.maximum(ln.tests, 1), 1.0)
-    out_stats = {
-        'nfe': out_stats['nfe'].at[rows].set(ln.nfe, mode='drop'),
-        'accept_rate': out_stats['accept_rate'].at[rows].set(rate, mode='drop'),
-        'restarts': out_stats['restarts'].at[rows].set(ln.restarts, mode='drop'),
-        'finished': out_stats['finished'].at[rows].set(True, mode='drop'),
-    }
+    out, out_stats = emit(out, out_stats, ln, jnp.where(done, ln.sample, batch), True)
     new_sample = next_sample + jnp.cumsum(done) - 1
     new_sample = jnp.where(new_sample < batch, new_sample, -1)
     refill = fresh(new_sample)
@@ -298,16 +319,12 @@ def diffrs_sample(denoiser, discriminator, keys: Array, class_labels: Optional[A
 
   ln = fresh(jnp.arange(lanes))
   out = jnp.zeros((batch,) + tuple(shape), jnp.float32)
-  out_stats = {'nfe': jnp.zeros([batch], jnp.int32), 'accept_rate': jnp.zeros([batch]),
-               'restarts': jnp.zeros([batch], jnp.int32),
-               'finished': jnp.zeros([batch], bool)}
+  out_stats = dict(edm.cost_stats(batch, 0), accept_rate=jnp.zeros([batch]),
+                   restarts=jnp.zeros([batch], jnp.int32), finished=jnp.zeros([batch], bool))
   ln, out, out_stats, _, _ = lax.while_loop(
       cond, body, (ln, out, out_stats, jnp.asarray(lanes), jnp.asarray(0)))
-  # Samples cut off by max_loops: their current state, marked unfinished.
-  rows = jnp.where(ln.sample >= 0, ln.sample, batch)
-  out = out.at[rows].set(ln.x, mode='drop')
-  out_stats['nfe'] = out_stats['nfe'].at[rows].set(ln.nfe, mode='drop')
-  return out, out_stats
+  # Samples cut off by max_loops: their current state and stats, marked unfinished.
+  return emit(out, out_stats, ln, jnp.where(ln.sample >= 0, ln.sample, batch), False)
 
 
 def diffrs_sampler(denoiser, discriminator=None, *, shape, **settings) -> Callable:

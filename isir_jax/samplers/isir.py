@@ -1,8 +1,9 @@
 """Diffusion ISIR: each reverse step corrected by iterated sampling-importance-resampling.
 
 One reverse step from ``x`` at ``t_i`` targets ``p(x'|x) ∝ q(x'|x) r(x') / r(x)`` with ``q`` the
-model's *stochastic* EDM step (churn > 0) and ``r = exp(d(., t_{i+1}))`` the discriminator's
-density ratio. i-SIR with N candidates and K iterations (Andrieu et al. 2018):
+model's *stochastic* step (the proposal kernel, `edm.StepSettings.proposal`) and
+``r = exp(d(., t_{i+1}))`` the discriminator's density ratio. i-SIR with N candidates and K
+iterations (Andrieu et al. 2018):
 
   iteration 1:   draw N proposals x'_1..x'_N ~ q(.|x), pick j with probability ∝ r(x'_j);
   iteration k>1: candidate 1 is the current pick (with its weight), draw N-1 fresh proposals,
@@ -12,28 +13,45 @@ The pick after K iterations is the next state. ``r(x)`` is common to all candida
 cancels. The initial state ``x_T`` is chosen by the same i-SIR among ``sigma_max * eps``
 draws weighted by ``exp(d(x, t_0))``. Every candidate of a step starts from the same
 ``(x_i, t_i)`` and none depends on the current pick, so with a K common to all steps the
-``N + (K-1)(N-1)`` proposals of a step (B times that many rows) go through one denoiser call
-per solver stage and one discriminator call before the K choices are made, or through
-``candidate_chunk``-sized pieces mapped by ``lax.map`` (same draws and choices; values agree
-to float rounding, as XLA may round differently for different batch shapes). Per-step K
-draws each iteration's proposals in turn. Denoiser evaluations per step:
-``2 (N + (K-1)(N-1))`` (the last step, Euler, half that).
+``N + (K-1)(N-1)`` proposals of a step (B times that many rows) go through one discriminator
+call before the K choices are made, or through ``candidate_chunk``-sized pieces mapped by
+``lax.map`` (same draws and choices; values agree to float rounding, as XLA may round
+differently for different batch shapes). Per-step K draws each iteration's proposals in turn.
+
+Cost per step with proposals ``P = N + (K-1)(N-1)``:
+  * 'churn' (EDM's churned Heun step): every proposal has its own churn noise before the
+    solver step, so the denoiser runs on all of them: ``2 P`` evaluations (Heun; the last
+    step, Euler, ``P``), and ``P`` discriminator evaluations;
+  * 'ancestral', 'dpmpp_2m_sde' (shared mean): the mean is one denoiser call on the B
+    states and the proposals are ``mean + s eps_c``: 1 denoiser evaluation whatever N and
+    K, and ``P`` discriminator evaluations.
+
+No wasted steps: where a step's proposal is deterministic (churn ``gamma_i = 0`` outside
+``[S_min, S_max]``; ``s = 0`` at the last step of the shared-mean kernels) all candidates
+would be the same point, so that step runs with N = K = 1: one plain step, no discriminator
+call, nothing counted beyond it. The program holds both step bodies (the i-SIR step and the
+plain one) under one ``lax.cond`` on a static per-step table inside the one scan, each
+traced once: a smaller program than a scan per segment of the step range, which would trace
+the plain body once per deterministic segment (twice for EDM's churn window).
 
 The limit: as N, K grow each step samples ``q(x'|x) r(x') / Z(x)`` with ``Z(x) = E_q[r(x')]``.
 The product over steps telescopes to the data distribution where ``Z(x) = r(x, t_i)``, which
-holds for the model's exact reverse kernel but only approximately for a churned ODE step, so
-a discretisation-dependent bias remains (exact testbed, 18 Heun steps at S_churn = 40: weight
-error < 0.01 at N=16, K=4; 32 steps: it overshoots by about 0.04).
+holds for the model's exact reverse kernel but only approximately for a discretised step, so
+a kernel- and discretisation-dependent bias remains (exact testbed, 18 Heun steps at
+S_churn = 40: weight error < 0.01 at N=16, K=4; 32 steps: it overshoots by about 0.04; see
+benchmarks/results/testbed.md for the shared-mean kernels).
 
 Per-step schedules: ``num_candidates`` / ``num_iterations`` are ints or per-step sequences
 (length ``num_steps``); `adaptive_schedule` gives the seed's rule from DiffRS margins. With a
 variable N the candidate batch has the static size ``max N_i`` and the candidates beyond
-``N_i`` get zero weight (they are computed, but not counted in ``nfe``); a variable K is a
-``while_loop`` bound, so it costs only what it uses.
+``N_i`` get zero weight (they are computed for the static shape, but not counted: the
+counts are the method's, ``N_i + (K_i-1)(N_i-1)`` proposals per step, as are those of
+``candidate_chunk`` padding); a variable K is a ``while_loop`` bound, so it costs only what
+it uses.
 
-Keys: candidate c of step i of sample b draws its churn noise from
+Keys: candidate c of step i of sample b draws its proposal noise from
 ``fold_in(fold_in(fold_in(keys[b], i), 0), c)`` -- candidate 0 of iteration 1 is exactly the
-noise of `edm_sample`, so N = 1 reproduces stochastic EDM bit for bit.
+noise of `edm_sample`, so N = 1 reproduces EDM with the same kernel bit for bit.
 """
 
 import dataclasses
@@ -108,12 +126,17 @@ def _parse(settings: dict) -> tuple[edm.StepSettings, ISIRSettings]:
   cfg = ISIRSettings(**rest)
   n, _ = cfg.per_step(step.num_steps)
   if n.max() > 1 and not step.stochastic:
+    if step.shared_mean:
+      why = (f'proposal={step.proposal!r} with eta=0 is the deterministic (DDIM / ODE) step; '
+             'set 0 < eta <= 1')
+    else:
+      why = (f'S_churn={step.S_churn}, S_noise={step.S_noise}, S_min={step.S_min}, '
+             f'S_max={step.S_max}; set S_churn > 0')
     raise ValueError(
-        f'isir: the proposal is deterministic (S_churn={step.S_churn}, S_noise={step.S_noise}, '
-        f'S_min={step.S_min}, S_max={step.S_max}), so the num_candidates={cfg.num_candidates} '
-        'candidates of a reverse step would all be the same point and only the initial-latent '
-        'stage would act. Set S_churn > 0 for a stochastic proposal, or initial_only=True to '
-        'run the initial-latent selection alone.')
+        f'isir: the proposal is deterministic ({why}), so the num_candidates='
+        f'{cfg.num_candidates} candidates of a reverse step would all be the same point and '
+        'only the initial-latent stage would act. Use a stochastic proposal, or '
+        'initial_only=True to run the initial-latent selection alone.')
   if cfg.candidate_chunk is not None and cfg.candidate_chunk < 1:
     raise ValueError(f'isir: candidate_chunk must be >= 1 or None, got {cfg.candidate_chunk}')
   return step, cfg
@@ -229,14 +252,17 @@ def isir_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Arr
     latents: optional [B, *shape] standard normal latents; they replace candidate 0 of the
       initial stage (the other candidates still come from the keys).
     shape: static image shape.
-    **settings: `edm.StepSettings` fields (S_churn must be > 0 when N > 1) plus
-      num_candidates (N, int or per step), num_iterations (K, int or per step),
-      initial_candidates, initial_iterations, candidate_chunk, initial_only.
+    **settings: `edm.StepSettings` fields (a stochastic proposal when N > 1: S_churn > 0
+      for 'churn', eta > 0 for the shared-mean kernels) plus num_candidates (N, int or per
+      step), num_iterations (K, int or per step), initial_candidates, initial_iterations,
+      candidate_chunk, initial_only.
 
   Returns:
-    images [B, *shape] and stats: 'nfe' [B] (denoiser evaluations), 'ess' [B] (mean over
-    reverse steps of the normalised ESS of the i-SIR weights, averaged over iterations),
-    'ess_initial' [B] (the same for the initial stage).
+    images [B, *shape] and stats: the counts of `edm.cost_stats` ('nfe', 'disc_evals',
+    'disc_grads' = 0; steps with a deterministic proposal count one plain step), 'ess' [B]
+    (mean over the corrected steps of the normalised ESS of the i-SIR weights, averaged over
+    iterations; 1 when no step is corrected), 'ess_initial' [B] (the same for the initial
+    stage).
   """
   step, cfg = _parse(settings)
   n_steps, k_steps = cfg.per_step(step.num_steps)
@@ -282,6 +308,8 @@ def _isir(denoiser, discriminator, keys, class_labels, latents, shape, step, chu
   batch = keys.shape[0]
   # A K common to all steps stays static, so that each chain draws its proposals in one call.
   static_k = isinstance(k_steps, np.ndarray) and np.all(k_steps == k_steps[0])
+  # Steps with a deterministic proposal run with N = K = 1 (no discriminator call).
+  noisy = step.noisy_steps(t) & (n_max > 1)
 
   def k_of(i):
     return int(k_steps[0]) if static_k else jnp.asarray(k_steps)[i]
@@ -305,22 +333,46 @@ def _isir(denoiser, discriminator, keys, class_labels, latents, shape, step, chu
   x0, _, ess0 = isir_chain(propose_latent, lkeys, n0, n0_max, k0, chunk)
 
   def body(carry, i, heun):
-    x, ess_sum = carry
+    state, ess_sum = carry
+    draw, x0_prev = edm.proposals(denoiser, state, keys, i, t, class_labels, step, heun)
 
-    def propose(ids):
-      x_new = edm.propose(denoiser, x, keys, ids, i, t, class_labels, step, heun)
-      return x_new, log_weights(x_new, t[i + 1], n_max > 1)
+    def corrected(_):
+      def propose(ids):
+        x_new = draw(ids)
+        return x_new, log_weights(x_new, t[i + 1], True)
 
-    skeys = jax.vmap(lambda k: schedule.step_key(k, i))(keys)
-    x, _, ess = isir_chain(propose, skeys, jnp.asarray(n_steps)[i], n_max, k_of(i), chunk)
-    return x, ess_sum + ess
+      n_i = jnp.asarray(n_steps)[i]
+      skeys = jax.vmap(lambda k: schedule.step_key(k, i))(keys)
+      x, _, ess = isir_chain(propose, skeys, n_i, n_max, k_of(i), chunk)
+      return x, jnp.where(n_i > 1, ess, 0.0)
 
-  x, ess_sum = edm.run_steps(body, (x0, jnp.zeros([batch])), step)
-  # Denoiser evaluations: N + (K-1)(N-1) proposals per step, each `step.nfe(i)` evaluations.
-  proposals = num_proposals(jnp.asarray(n_steps), jnp.asarray(k_steps))
-  nfe = jnp.sum(proposals * jnp.asarray([step.nfe(i) for i in range(step.num_steps)]))
-  return x, {'nfe': jnp.full([batch], nfe, jnp.int32), 'ess': ess_sum / step.num_steps,
-             'ess_initial': ess0}
+    def plain(_):
+      return draw(jnp.arange(1))[:, 0], jnp.zeros([batch])
+
+    if noisy.all() or not noisy.any():
+      x, ess = (corrected if noisy.all() else plain)(None)
+    else:
+      x, ess = lax.cond(jnp.asarray(noisy)[i], corrected, plain, None)
+    return (x, x0_prev), ess_sum + ess
+
+  (x, _), ess_sum = edm.run_steps(body, (edm.initial_state(x0, step), jnp.zeros([batch])), step)
+  # The method's counts: P_i = N_i + (K_i-1)(N_i-1) proposals where the step is corrected,
+  # 1 elsewhere; each proposal is one discriminator evaluation and (churn) `step.nfe(i)`
+  # denoiser evaluations; a shared-mean step is one denoiser evaluation.
+  n_steps, k_steps = jnp.asarray(n_steps), jnp.asarray(k_steps)
+  corrected_steps = jnp.asarray(noisy) & (n_steps > 1)
+  proposals = jnp.where(corrected_steps, num_proposals(n_steps, k_steps), 1)
+  denoised = jnp.ones_like(proposals) if step.shared_mean else proposals
+  nfe = jnp.sum(denoised * jnp.asarray(step.nfe_table()))
+  disc_evals = jnp.sum(jnp.where(corrected_steps, proposals, 0))
+  n0, k0 = jnp.asarray(n0), jnp.asarray(k0)
+  if n0_max > 1:
+    disc_evals = disc_evals + jnp.where(n0 > 1, num_proposals(n0, k0), 0)
+  stats = edm.cost_stats(batch, nfe, disc_evals)
+  stats['ess'] = jnp.where(corrected_steps.any(), ess_sum / jnp.maximum(corrected_steps.sum(), 1),
+                           1.0)
+  stats['ess_initial'] = ess0
+  return x, stats
 
 
 def isir_sampler(denoiser, discriminator=None, *, shape, **settings) -> Callable:
