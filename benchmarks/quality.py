@@ -38,6 +38,7 @@ from benchmarks import cost
 from benchmarks import plotting
 from configs import digits
 from isir_jax import demo
+from isir_jax import io
 from isir_jax import sampling
 from isir_jax.samplers import diffrs
 from isir_jax.train import digits_data
@@ -101,10 +102,9 @@ def setting_config(config: ml_collections.ConfigDict, label: str, seed: int, num
   percentile = overrides.pop('rej_percentile', None)
   cfg.sampler.update(overrides)
   if percentile is not None:
-    with np.load(config.demo.diffrs_thresholds) as f:
-      log_ratios = f['warmup_log_ratios']
+    log_ratios = io.load_warmup_log_ratios(config.demo.diffrs_thresholds)
     path = os.path.join(workdir, f'diffrs_thresholds_p{percentile}.npz')
-    diffrs.save_thresholds(path, diffrs.thresholds_from_log_ratios(log_ratios, percentile))
+    io.save_thresholds(path, diffrs.thresholds_from_log_ratios(log_ratios, percentile))
     cfg.sampler.thresholds = path
   return cfg
 

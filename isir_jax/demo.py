@@ -26,7 +26,6 @@ import PIL.Image
 
 from isir_jax import io
 from isir_jax import sampling
-from isir_jax.samplers import diffrs
 from isir_jax.train import digits_data
 from isir_jax.train import feature_net as feature_net_lib
 
@@ -184,7 +183,7 @@ def diffrs_thresholds(config: ml_collections.ConfigDict, workdir: str) -> None:
   del workdir  # the thresholds are an asset of the config
   denoiser, discriminator = sampling.load_models(cfg)
   thresholds, log_ratios = sampling.warmup_thresholds(cfg, denoiser, discriminator)
-  diffrs.save_thresholds(config.demo.diffrs_thresholds, thresholds, log_ratios)
+  io.save_thresholds(config.demo.diffrs_thresholds, thresholds, log_ratios)
   logging.info('DiffRS thresholds from %d warm-up samples: M %s, M2 %s',
                config.demo.warmup_samples, np.round(thresholds.log_ratio, 2).tolist(),
                np.round(thresholds.increment, 2).tolist())

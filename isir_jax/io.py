@@ -174,6 +174,34 @@ def iter_image_files(source: str, batch_size: int = 250) -> Iterator[np.ndarray]
       archive.close()
 
 
+def save_thresholds(path: str, thresholds: Sequence[np.ndarray],
+                    log_ratios: Optional[np.ndarray] = None) -> None:
+  """Writes DiffRS thresholds ``(log_ratio, increment)`` [n + 1] each, and optionally the
+  warm-up log ratios [S, n + 1] they came from, to an npz file, atomically."""
+  log_ratio, increment = thresholds
+  arrays = dict(log_ratio=np.asarray(log_ratio), increment=np.asarray(increment))
+  if log_ratios is not None:
+    arrays['warmup_log_ratios'] = np.asarray(log_ratios)
+  atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def load_thresholds(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """Reads ``(log_ratio, increment)`` written by `save_thresholds`."""
+  with np.load(path) as f:
+    missing = {'log_ratio', 'increment'} - set(f.files)
+    if missing:
+      raise ValueError(f'{path}: DiffRS thresholds lack {sorted(missing)} (has {sorted(f.files)})')
+    return f['log_ratio'], f['increment']
+
+
+def load_warmup_log_ratios(path: str) -> np.ndarray:
+  """The warm-up log ratios [S, n + 1] stored beside a thresholds file."""
+  with np.load(path) as f:
+    if 'warmup_log_ratios' not in f.files:
+      raise ValueError(f'{path}: no warm-up log ratios (has {sorted(f.files)})')
+    return f['warmup_log_ratios']
+
+
 def check_writable(workdir: str) -> None:
   """Creates ``workdir`` and checks that files can be written there.
 

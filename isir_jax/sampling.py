@@ -23,6 +23,7 @@ from tqdm import tqdm
 from isir_jax import checkpoints
 from isir_jax import denoiser as denoiser_lib
 from isir_jax import discriminator as disc_lib
+from isir_jax import io
 from isir_jax import parallel
 from isir_jax import samplers
 from isir_jax import testbed
@@ -162,18 +163,22 @@ def _diffrs_thresholds(config, denoiser, discriminator, workdir: str):
   """DiffRS thresholds: ``config.sampler.thresholds``, the workdir's, or a warm-up run
   (`warmup_thresholds`, saved in the workdir for a resumed run)."""
   if config.sampler.thresholds:
-    return config.sampler.thresholds   # an input file, like the checkpoints (checked early)
+    # An input file, like the checkpoints (its existence is checked early).
+    try:
+      return diffrs.Thresholds(*io.load_thresholds(config.sampler.thresholds))
+    except (OSError, ValueError) as e:
+      raise RunError(f'config.sampler.thresholds: {e}') from None
   main = parallel.is_main_process()
   path = os.path.join(workdir, DIFFRS_THRESHOLDS_NAME)
   if parallel.broadcast_from_main(np.array([main and os.path.isfile(path)]))[0]:
     # Written by this workdir's config (check_run_config); the workdir may be host-local.
     zeros = np.zeros(config.sampler.num_steps + 1, np.float32)
-    stored = diffrs.load_thresholds(path) if main else diffrs.Thresholds(zeros, zeros)
+    stored = io.load_thresholds(path) if main else (zeros, zeros)
     return diffrs.Thresholds(*(parallel.broadcast_from_main(np.asarray(a, np.float32))
                                for a in stored))
   thresholds, log_ratios = warmup_thresholds(config, denoiser, discriminator)
   if main:
-    diffrs.save_thresholds(path, thresholds, log_ratios)
+    io.save_thresholds(path, thresholds, log_ratios)
     logging.info('DiffRS thresholds from %d warm-up samples written to %s',
                  len(log_ratios), path)
   return thresholds

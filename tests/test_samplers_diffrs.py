@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from isir_jax import io
 from isir_jax import samplers, testbed
 from isir_jax.samplers import diffrs, edm
 
@@ -56,13 +57,17 @@ def test_thresholds_are_clipped_quantiles_and_round_trip(small_thresholds, tmp_p
       rtol=1e-5, atol=1e-7)
   assert th.increment[0] == 0 and np.all(th.log_ratio >= 0) and np.all(th.increment >= 0)
   path = str(tmp_path / 'thresholds.npz')
-  diffrs.save_thresholds(path, th, lr)
-  loaded = diffrs.load_thresholds(path)
+  io.save_thresholds(path, th, lr)
+  loaded = diffrs.Thresholds(*io.load_thresholds(path))
   np.testing.assert_array_equal(loaded.log_ratio, th.log_ratio)
   np.testing.assert_array_equal(loaded.increment, th.increment)
-  # A path works as the sampler setting too.
-  _, _, from_path = diffrs._parse(dict(thresholds=path, **SMALL))
-  np.testing.assert_array_equal(from_path.increment, th.increment)
+  np.testing.assert_array_equal(io.load_warmup_log_ratios(path), lr)
+  # Samplers know no files: the arrays are the setting, a path is refused.
+  diffrs.diffrs_sampler(TB.model_denoiser, TB.discriminator, shape=TB.shape, thresholds=loaded,
+                        **SMALL)
+  with pytest.raises(TypeError, match='read the file with isir_jax.io.load_thresholds'):
+    diffrs.diffrs_sampler(TB.model_denoiser, TB.discriminator, shape=TB.shape, thresholds=path,
+                          **SMALL)
 
 
 def test_diffrs_recovers_true_weights():

@@ -18,7 +18,7 @@ Stats hold the per-sample cost counts 'nfe', 'disc_evals', 'disc_grads' (`edm.co
 from typing import Callable
 
 from isir_jax.samplers.diffrs import (Thresholds, diffrs_sample, diffrs_sampler,
-                                      estimate_thresholds, load_thresholds, save_thresholds)
+                                      estimate_thresholds)
 from isir_jax.samplers.dg import dg_sample, dg_sampler
 from isir_jax.samplers.edm import StepSettings, edm_sample, edm_sampler, edm_step
 from isir_jax.samplers.isir import adaptive_schedule, isir_sample, isir_sampler
@@ -33,8 +33,7 @@ _REGISTRY = {
 __all__ = [
     'StepSettings', 'Thresholds', 'adaptive_schedule', 'dg_sample', 'dg_sampler',
     'diffrs_sample', 'diffrs_sampler', 'edm_sample', 'edm_sampler', 'edm_step',
-    'estimate_thresholds', 'get_sampler', 'isir_sample', 'isir_sampler', 'load_thresholds',
-    'save_thresholds',
+    'estimate_thresholds', 'get_sampler', 'isir_sample', 'isir_sampler',
 ]
 
 

@@ -90,53 +90,30 @@ def warmup_log_ratios(denoiser, discriminator, keys: Array,
   return edm.run_steps(body, (edm.initial_state(x0, step), log_ratios), step)[1]
 
 
-def thresholds_from_log_ratios(log_ratios, rej_percentile: float,
-                               clip_at_zero: bool = True) -> Thresholds:
-  """Quantile thresholds from warm-up log ratios [S, n + 1] (linear interpolation, as torch)."""
+def thresholds_from_log_ratios(log_ratios, rej_percentile: float) -> Thresholds:
+  """Quantile thresholds from warm-up log ratios [S, n + 1] (linear interpolation, as torch),
+  clipped at 0 as DiffRS does."""
   lr = np.asarray(log_ratios, np.float64)
   if not 0.0 <= rej_percentile <= 1.0:
     raise ValueError(f'diffrs: rej_percentile must be in [0, 1], got {rej_percentile}')
   m = np.quantile(lr, rej_percentile, axis=0)
   m2 = np.concatenate([[0.0], np.quantile(np.diff(lr, axis=1), rej_percentile, axis=0)])
-  if clip_at_zero:
-    m, m2 = np.maximum(m, 0.0), np.maximum(m2, 0.0)
-  return Thresholds(m.astype(np.float32), m2.astype(np.float32))
+  return Thresholds(np.maximum(m, 0.0).astype(np.float32), np.maximum(m2, 0.0).astype(np.float32))
 
 
 def estimate_thresholds(denoiser, discriminator, keys: Array,
                         class_labels: Optional[Array] = None, *, shape,
-                        rej_percentile: float, clip_at_zero: bool = True,
-                        **settings) -> tuple[Thresholds, np.ndarray]:
+                        rej_percentile: float, **settings) -> tuple[Thresholds, np.ndarray]:
   """Warm-up run (jitted) and its thresholds; returns (thresholds, raw log ratios [B, n+1])."""
   run = jax.jit(lambda k, c: warmup_log_ratios(denoiser, discriminator, k, c, shape=shape,
                                                **settings))
   log_ratios = np.asarray(run(keys, class_labels))
-  return thresholds_from_log_ratios(log_ratios, rej_percentile, clip_at_zero), log_ratios
-
-
-def save_thresholds(path: str, thresholds: Thresholds,
-                    log_ratios: Optional[np.ndarray] = None) -> None:
-  """Writes thresholds (and optionally the warm-up log ratios) to an npz file, atomically."""
-  arrays = dict(log_ratio=thresholds.log_ratio, increment=thresholds.increment)
-  if log_ratios is not None:
-    arrays['warmup_log_ratios'] = np.asarray(log_ratios)
-  tmp = path + '.tmp.npz'
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
-
-
-def load_thresholds(path: str) -> Thresholds:
-  """Reads thresholds written by `save_thresholds`."""
-  with np.load(path) as f:
-    missing = {'log_ratio', 'increment'} - set(f.files)
-    if missing:
-      raise ValueError(f'diffrs: {path} lacks {sorted(missing)} (has {sorted(f.files)})')
-    return Thresholds(f['log_ratio'], f['increment'])
+  return thresholds_from_log_ratios(log_ratios, rej_percentile), log_ratios
 
 
 @dataclasses.dataclass(frozen=True)
 class DiffRSSettings:
-  thresholds: Union[Thresholds, tuple, dict, str, None] = None  # or an npz path
+  thresholds: Union[Thresholds, tuple, dict, None] = None   # arrays (io.load_thresholds reads files)
   backsteps: int = 1
   min_backsteps: int = 0
   max_backsteps: Optional[int] = None   # default: num_steps
@@ -147,10 +124,11 @@ class DiffRSSettings:
   def load(self, num_steps: int) -> Thresholds:
     th = self.thresholds
     if th is None:
-      raise ValueError('diffrs: thresholds are required (diffrs.estimate_thresholds, or a path '
-                       'to an npz from diffrs.save_thresholds)')
-    if isinstance(th, str):
-      th = load_thresholds(th)
+      raise ValueError('diffrs: thresholds are required (diffrs.estimate_thresholds, or '
+                       'io.load_thresholds of an npz from io.save_thresholds)')
+    if isinstance(th, (str, bytes, os.PathLike)):
+      raise TypeError(f'diffrs: thresholds must be arrays (log_ratio, increment), got the path '
+                      f'{th!r}; read the file with isir_jax.io.load_thresholds')
     th = Thresholds(**th) if isinstance(th, dict) else Thresholds(*th)
     th = Thresholds(*(np.asarray(v, np.float32) for v in th))
     for name, v in zip(Thresholds._fields, th):

@@ -96,8 +96,6 @@ class ISIRSettings:
   """ISIR-specific settings (the step itself is `edm.StepSettings`)."""
   num_candidates: IntOrSteps = 16
   num_iterations: IntOrSteps = 1
-  initial_candidates: Optional[int] = None   # default: max of num_candidates
-  initial_iterations: Optional[int] = None   # default: max of num_iterations
   candidate_chunk: Optional[int] = None      # candidates per call (None: all at once)
   initial_only: bool = False                 # i-SIR on the initial latent only
 
@@ -114,11 +112,8 @@ class ISIRSettings:
     return out[0], out[1]
 
   def initial(self) -> tuple[int, int]:
-    n = self.initial_candidates or int(np.max(self.num_candidates))
-    k = self.initial_iterations or int(np.max(self.num_iterations))
-    if n < 1 or k < 1:
-      raise ValueError(f'isir: initial_candidates/initial_iterations must be >= 1, got {n}, {k}')
-    return n, k
+    """(N, K) of the initial-latent stage: the largest of the steps'."""
+    return int(np.max(self.num_candidates)), int(np.max(self.num_iterations))
 
 
 def _parse(settings: dict) -> tuple[edm.StepSettings, ISIRSettings]:
@@ -254,8 +249,7 @@ def isir_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Arr
     shape: static image shape.
     **settings: `edm.StepSettings` fields (a stochastic proposal when N > 1: S_churn > 0
       for 'churn', eta > 0 for the shared-mean kernels) plus num_candidates (N, int or per
-      step), num_iterations (K, int or per step), initial_candidates, initial_iterations,
-      candidate_chunk, initial_only.
+      step), num_iterations (K, int or per step), candidate_chunk, initial_only.
 
   Returns:
     images [B, *shape] and stats: the counts of `edm.cost_stats` ('nfe', 'disc_evals',
@@ -288,8 +282,7 @@ def isir_sample_schedule(denoiser, discriminator, keys: Array, num_candidates: A
     max_candidates: static candidate batch size.
     (others as in `isir_sample`; settings exclude the N, K and initial-stage settings.)
   """
-  fixed = {'num_candidates', 'num_iterations', 'initial_candidates', 'initial_iterations',
-           'initial_only'} & set(settings)
+  fixed = {'num_candidates', 'num_iterations', 'initial_only'} & set(settings)
   if fixed:
     raise TypeError(f'isir.isir_sample_schedule: {sorted(fixed)} are arguments or unsupported')
   step, cfg = _parse(dict(settings, num_candidates=max_candidates))
