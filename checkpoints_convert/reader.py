@@ -27,7 +27,7 @@ What the reader guarantees, whatever the file holds (each in one place):
   operations and memo indices are capped; dict keys and set members are strings or
   64-bit ints (no hash bombs); walks over the result are memoised and depth-capped.
 * Errors are one line: :class:`CheckpointError`, file values rendered with a
-  bounded ``repr`` (:func:`_short`, :func:`_name`), never a whole structure.
+  bounded ``repr`` (:func:`brief`, :func:`label`), never a whole structure.
 """
 
 import collections
@@ -116,7 +116,7 @@ class _BoundedRepr(reprlib.Repr):
 _REPR = _BoundedRepr()
 
 
-def _short(value: Any, limit: int = 80) -> str:
+def brief(value: Any, limit: int = 80) -> str:
   """A bounded repr of a value from a file, cut to ``limit`` characters."""
   try:
     text = _REPR.repr(value)
@@ -125,21 +125,21 @@ def _short(value: Any, limit: int = 80) -> str:
   return text if len(text) <= limit else text[:limit] + '...'
 
 
-def _name(value: Any, limit: int = 80) -> str:
+def label(value: Any, limit: int = 80) -> str:
   """A name from a file: as is if a short printable string, else its bounded repr."""
   if isinstance(value, str) and value.isprintable() and len(value) <= limit:
     return value
-  return _short(value, limit)
+  return brief(value, limit)
 
 
-def _names(values: Iterable, render: Callable[[Any], str] = _short, limit: int = 8) -> str:
+def listing(values: Iterable, render: Callable[[Any], str] = brief, limit: int = 8) -> str:
   """The first ``limit`` values, rendered and comma-separated, and how many more."""
   values = list(values)
   text = ', '.join(render(v) for v in values[:limit])
   return text + (f' (and {len(values) - limit} more)' if len(values) > limit else '')
 
 
-def _line(text: str, limit: int = 1000) -> str:
+def one_line(text: str, limit: int = 1000) -> str:
   """One printable line: control characters escaped, cut to ``limit`` characters."""
   text = ''.join(c if c.isprintable() else c.encode('unicode_escape').decode() for c in text)
   return text if len(text) <= limit else text[:limit] + '...'
@@ -179,8 +179,8 @@ class ModuleRecord:
     self.init_args = tuple(init_args)
 
   def __repr__(self) -> str:
-    children = _names(self.state.get('_modules') or {}, _name)
-    return f'ModuleRecord({_short(self.class_name)}, children=[{children}])'
+    children = listing(self.state.get('_modules') or {}, label)
+    return f'ModuleRecord({brief(self.class_name)}, children=[{children}])'
 
   def _fail(self, message: str) -> CheckpointError:
     return CheckpointError(f'{self.source}: {message}')
@@ -200,26 +200,26 @@ class ModuleRecord:
 
     def visit(record, prefix, parents):
       if id(record) in parents:
-        raise self._fail(f'module {_short(prefix[:-1])} contains itself')
+        raise self._fail(f'module {brief(prefix[:-1])} contains itself')
       if id(record) in seen:
-        raise self._fail(f'module {_short(prefix[:-1])} is shared with another module')
+        raise self._fail(f'module {brief(prefix[:-1])} is shared with another module')
       if len(parents) > _MAX_DEPTH:
         raise self._fail(f'modules nest deeper than {_MAX_DEPTH} levels')
       seen.add(id(record))
       state = record.state
       skipped = state.get('_non_persistent_buffers_set') or set()
       if not isinstance(skipped, (set, frozenset)):
-        raise self._fail(f'{_name(prefix)}_non_persistent_buffers_set is a '
+        raise self._fail(f'{label(prefix)}_non_persistent_buffers_set is a '
                          f'{type(skipped).__name__}, not a set')
       tensors = [*(state.get('_parameters') or {}).items(),
                  *((k, v) for k, v in (state.get('_buffers') or {}).items() if k not in skipped)]
       for name, value in [*tensors, *(state.get('_modules') or {}).items()]:
         if not isinstance(name, str):
-          raise self._fail(f'name {_short(name)} in {_name(prefix or record.class_name)} is '
+          raise self._fail(f'name {brief(name)} in {label(prefix or record.class_name)} is '
                            f'a {type(name).__name__}, not a string')
       for name, value in tensors:
         if value is not None and not isinstance(value, np.ndarray):
-          raise self._fail(f'{_name(prefix + name)} of {_name(record.class_name)} is a '
+          raise self._fail(f'{label(prefix + name)} of {label(record.class_name)} is a '
                            f'{type(value).__name__}, not a tensor')
         if value is not None:
           out[prefix + name] = value
@@ -237,8 +237,8 @@ class ModuleRecord:
       children = record.state.get('_modules') or {}
       child = children.get(part)
       if not isinstance(child, ModuleRecord):
-        raise self._fail(f'no submodule {part!r} in {_name(record.class_name)} while resolving '
-                         f"{dotted!r} (children: {_names(children, _name) or 'none'})")
+        raise self._fail(f'no submodule {part!r} in {label(record.class_name)} while resolving '
+                         f"{dotted!r} (children: {listing(children, label) or 'none'})")
       record = child
     return record
 
@@ -365,7 +365,7 @@ def _key(value: Any) -> Any:
   """A dict key or set member: str, 64-bit int, bool or None (cheap, honest hashes)."""
   if type(value) not in (str, int, bool, type(None)) or (
       type(value) is int and not -2 ** 63 <= value < 2 ** 63):
-    raise ValueError(f'dict key or set member {_short(value)} is not a string or a 64-bit int')
+    raise ValueError(f'dict key or set member {brief(value)} is not a string or a 64-bit int')
   return value
 
 
@@ -378,7 +378,7 @@ def _checked_items(items: Any) -> list:
   pairs = []
   for item in items:
     if not isinstance(item, (list, tuple)) or len(item) != 2:
-      raise ValueError(f'dict item {_short(item)} is not a (key, value) pair')
+      raise ValueError(f'dict item {brief(item)} is not a (key, value) pair')
     pairs.append((_key(item[0]), item[1]))
   return pairs
 
@@ -428,7 +428,7 @@ class _NumpyDType:
   def __init__(self, spec, align=False, copy=False):
     del align, copy
     if not isinstance(spec, str) or len(spec) > 8:
-      raise ValueError(f'numpy dtype spec {_short(spec)} is not a short string')
+      raise ValueError(f'numpy dtype spec {brief(spec)} is not a short string')
     self.dtype = np.dtype(spec)
     if self.dtype.kind not in _NUMERIC_KINDS or self.dtype.fields is not None:
       raise ValueError(f'numpy dtype {spec!r} is not a plain numeric dtype')
@@ -436,7 +436,7 @@ class _NumpyDType:
   def __setstate__(self, state):
     # numpy's dtype state: (version, byteorder, subarray, names, fields, ...).
     if not isinstance(state, tuple) or len(state) < 5:
-      raise ValueError(f'malformed numpy dtype state {_short(state)}')
+      raise ValueError(f'malformed numpy dtype state {brief(state)}')
     if any(x is not None for x in state[2:5]):
       raise ValueError('structured numpy dtypes are not supported')
     if isinstance(state[1], str) and state[1] in ('<', '>') and self.dtype.itemsize > 1:
@@ -460,10 +460,10 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=Non
 def _check_module_state(class_name: str, state: Any) -> dict:
   """A module ``__dict__`` whose torch bookkeeping fields are dicts (not copied)."""
   if not isinstance(state, dict):
-    raise ValueError(f'{_name(class_name)} state is a {type(state).__name__}, not a dict')
+    raise ValueError(f'{label(class_name)} state is a {type(state).__name__}, not a dict')
   for field in ('_parameters', '_buffers', '_modules'):
     if not isinstance(state.get(field, {}), dict):
-      raise ValueError(f'{_name(class_name)}.{field} is a {type(state[field]).__name__}, '
+      raise ValueError(f'{label(class_name)}.{field} is a {type(state[field]).__name__}, '
                        'not a dict')
   return state
 
@@ -489,7 +489,7 @@ def _torch_module_class(qualified: str) -> type:
 def _check_ints(name: str, values: Any) -> tuple[int, ...]:
   if not isinstance(values, (tuple, list)) or len(values) > _MAX_RANK or not all(
       type(v) is int and v >= 0 for v in values):
-    raise ValueError(f'tensor {name} {_short(values)} is not a tuple of non-negative ints '
+    raise ValueError(f'tensor {name} {brief(values)} is not a tuple of non-negative ints '
                      f'(at most {_MAX_RANK})')
   return tuple(values)
 
@@ -526,11 +526,11 @@ def _view(data: np.ndarray, dtype: np.dtype, bfloat16: bool, offset: int, size: 
   if numel == 0:
     return np.zeros(size, out_dtype)
   if numel > _MAX_EXPANSION * count:
-    raise ValueError(f'tensor of size {_short(size)} is over {_MAX_EXPANSION}x its storage of '
+    raise ValueError(f'tensor of size {brief(size)} is over {_MAX_EXPANSION}x its storage of '
                      f'{count} elements')
   last = offset + sum((n - 1) * s for n, s in zip(size, stride))
   if last >= count:
-    raise ValueError(f'tensor of size {_short(size)}, stride {_short(stride)}, offset {offset} '
+    raise ValueError(f'tensor of size {brief(size)}, stride {brief(stride)}, offset {offset} '
                      f'reads past its storage of {count} elements')
   load.add_tensor(numel * out_dtype.itemsize)
   elements = data[:count * dtype.itemsize].view(dtype)
@@ -674,12 +674,12 @@ class _Unpickler(pickle._Unpickler):  # pylint: disable=protected-access
       if qualified not in self._module_classes:
         self._module_classes[qualified] = _torch_module_class(qualified)
       return self._module_classes[qualified]
-    raise CheckpointError(f'refusing global {_name(qualified, 200)} in {self._where}: '
+    raise CheckpointError(f'refusing global {label(qualified, 200)} in {self._where}: '
                           'not an allowlisted checkpoint type')
 
   def persistent_load(self, pid: Any) -> Any:
     if self._persistent is None:
-      raise self._fail(f'unexpected persistent id {_short(pid)} in a plain pickle')
+      raise self._fail(f'unexpected persistent id {brief(pid)} in a plain pickle')
     return self._persistent(pid)
 
   # -- checked operations -----------------------------------------------------
@@ -704,10 +704,10 @@ class _Unpickler(pickle._Unpickler):  # pylint: disable=protected-access
     elif cls is _EasyDict:
       obj = _EasyDict()
     else:
-      raise self._fail(f'NEWOBJ of a {_name(getattr(cls, "__name__", type(cls).__name__))} '
+      raise self._fail(f'NEWOBJ of a {label(getattr(cls, "__name__", type(cls).__name__))} '
                        'is not allowed (only torch modules and EasyDicts)')
     if args != () or kwargs:
-      raise self._fail(f'NEWOBJ of {_name(cls.__name__)} with arguments is not allowed')
+      raise self._fail(f'NEWOBJ of {label(cls.__name__)} with arguments is not allowed')
     self._buildable[id(obj)] = obj
     return obj
 
@@ -747,7 +747,7 @@ class _Unpickler(pickle._Unpickler):  # pylint: disable=protected-access
     state = self.stack.pop()
     inst = self.stack[-1]
     if self._buildable.pop(id(inst), None) is not inst:
-      raise self._fail(f'BUILD on a {_name(type(inst).__name__)} is not allowed (state is set '
+      raise self._fail(f'BUILD on a {label(type(inst).__name__)} is not allowed (state is set '
                        'only on objects the reader created for it, once)')
     inst.__setstate__(state)
   dispatch[pickle.BUILD[0]] = load_build
@@ -808,14 +808,14 @@ class _Unpickler(pickle._Unpickler):  # pylint: disable=protected-access
   def _persistent_obj(self, meta):
     """``torch_utils.persistence._reconstruct_persistent_obj`` -> ModuleRecord."""
     if not isinstance(meta, dict) or meta.get('type') != 'class':
-      raise ValueError(f'persistent object meta is not a class record: {_short(meta)}')
+      raise ValueError(f'persistent object meta is not a class record: {brief(meta)}')
     class_name = meta.get('class_name')
     if not isinstance(class_name, str):
-      raise ValueError(f'persistent object class name {_short(class_name)} is not a string')
+      raise ValueError(f'persistent object class name {brief(class_name)} is not a string')
     state = _check_module_state(class_name, meta.get('state'))
     kwargs, args = state.get('_init_kwargs') or {}, state.get('_init_args') or ()
     if not isinstance(kwargs, dict) or not isinstance(args, (tuple, list)):
-      raise ValueError(f'{_name(class_name)} init kwargs/args are a {type(kwargs).__name__}/'
+      raise ValueError(f'{label(class_name)} init kwargs/args are a {type(kwargs).__name__}/'
                        f'{type(args).__name__}, not a dict/tuple')
     return ModuleRecord(class_name, state, init_kwargs=_to_python(kwargs, self._load),
                         init_args=_to_python(tuple(args), self._load))
@@ -829,7 +829,7 @@ class _Unpickler(pickle._Unpickler):  # pylint: disable=protected-access
                          backward_hooks, dtype, metadata=None):
     del requires_grad, backward_hooks, metadata
     if not isinstance(dtype, _TorchDType):
-      raise ValueError(f'tensor dtype {_short(dtype)} is not a torch dtype')
+      raise ValueError(f'tensor dtype {brief(dtype)} is not a torch dtype')
     return _tensor(storage, offset, size, stride, self._load, dtype)
 
   def _load_from_bytes(self, blob):
@@ -899,12 +899,12 @@ def _finish(obj: Any, load: _Load, depth: int = 0) -> Any:
 def _storage_from_id(pid: Any, where: str) -> tuple[str, _StorageType, int, Any]:
   """Validates ``('storage', type, key, location, numel[, view])``."""
   if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == 'storage'):
-    raise CheckpointError(f'{where}: unsupported persistent id {_short(pid)} '
+    raise CheckpointError(f'{where}: unsupported persistent id {brief(pid)} '
                           '(only tensor storages are supported)')
   storage_type, key, numel = pid[1], pid[2], pid[4]
   if not isinstance(storage_type, _StorageType) or type(key) is not str or not (
       type(numel) is int and numel >= 0):
-    raise CheckpointError(f'{where}: malformed storage id {_short(pid)}')
+    raise CheckpointError(f'{where}: malformed storage id {brief(pid)}')
   return key, storage_type, numel, pid[5] if len(pid) == 6 else None
 
 
@@ -935,7 +935,7 @@ def _read_legacy(raw: bytes, load: _Load, where: str, blobs: bool = True) -> Any
     raise CheckpointError(f'{where}: not a torch.save stream (bad magic number)')
   protocol = unpickle()
   if protocol != _LEGACY_PROTOCOL:
-    raise CheckpointError(f'{where}: unsupported torch.save protocol {_short(protocol)}')
+    raise CheckpointError(f'{where}: unsupported torch.save protocol {brief(protocol)}')
   sys_info = unpickle()
   if not isinstance(sys_info, dict) or not isinstance(sys_info.get('little_endian', True), bool):
     raise CheckpointError(f'{where}: malformed torch.save header')
@@ -952,7 +952,7 @@ def _read_legacy(raw: bytes, load: _Load, where: str, blobs: bool = True) -> Any
     if view is None:
       return root
     if not (isinstance(view, tuple) and len(view) == 3 and type(view[0]) is str):
-      raise CheckpointError(f'{where}: malformed storage view {_short(view)}')
+      raise CheckpointError(f'{where}: malformed storage view {brief(view)}')
     view_key = view[0]
     offset, view_numel = _check_ints('storage view', view[1:])
     if offset + view_numel > root.numel:
@@ -971,15 +971,15 @@ def _read_legacy(raw: bytes, load: _Load, where: str, blobs: bool = True) -> Any
   for key in keys:
     storage = storages.get(key)
     if storage is None:
-      raise CheckpointError(f'{where}: storage key {_short(key)} is not used by any tensor')
+      raise CheckpointError(f'{where}: storage key {brief(key)} is not used by any tensor')
     header = raw[position:position + 8]
     if len(header) < 8:
-      raise CheckpointError(f'{where}: truncated file (storage {_short(key)} missing)')
+      raise CheckpointError(f'{where}: truncated file (storage {brief(key)} missing)')
     numel = int.from_bytes(header, 'big' if big_endian else 'little', signed=True)
     nbytes = numel * storage.dtype.itemsize
     if numel != storage.numel or position + 8 + nbytes > len(raw):
       raise CheckpointError(
-          f'{where}: truncated or corrupt storage {_short(key)} ({numel} elements recorded, '
+          f'{where}: truncated or corrupt storage {brief(key)} ({numel} elements recorded, '
           f'{storage.numel} expected, {len(raw) - position - 8} bytes left)')
     load.add_storage(nbytes)
     storage.fill(np.frombuffer(raw, np.uint8, nbytes, position + 8))
@@ -992,12 +992,12 @@ def _read_record(archive: zipfile.ZipFile, name: str, load: _Load) -> bytes:
   try:
     info = archive.getinfo(name)
   except KeyError:
-    raise load.fail(f'zip record {_name(name)} is missing') from None
+    raise load.fail(f'zip record {label(name)} is missing') from None
   if info.compress_type != zipfile.ZIP_STORED:
-    raise load.fail(f'zip record {_name(name)} is compressed; torch.save stores records '
+    raise load.fail(f'zip record {label(name)} is compressed; torch.save stores records '
                     'uncompressed')
   if info.file_size > load.file_bytes:
-    raise load.fail(f'zip record {_name(name)} claims {info.file_size} bytes, more than the file')
+    raise load.fail(f'zip record {label(name)} claims {info.file_size} bytes, more than the file')
   return archive.read(info)
 
 
@@ -1007,7 +1007,7 @@ def _read_zip(load: _Load) -> Any:
   try:
     archive = zipfile.ZipFile(path)
   except (zipfile.BadZipFile, OSError) as e:
-    raise load.fail(f'truncated or corrupt zip archive ({_line(_detail(e), 200)})') from None
+    raise load.fail(f'truncated or corrupt zip archive ({one_line(_detail(e), 200)})') from None
   with archive:
     names = archive.namelist()
     pickles = [n for n in names if n.endswith('data.pkl') and n.count('/') == 1]
@@ -1026,7 +1026,7 @@ def _read_zip(load: _Load) -> Any:
         blob = _read_record(archive, f'{prefix}data/{key}', load)
         nbytes = numel * dtype.itemsize
         if len(blob) < nbytes:
-          raise load.fail(f'storage record data/{_name(key)} holds {len(blob)} bytes, '
+          raise load.fail(f'storage record data/{label(key)} holds {len(blob)} bytes, '
                           f'{nbytes} expected')
         load.add_storage(nbytes)
         storages[key] = _Storage(dtype, numel, storage_type.bfloat16,
@@ -1075,13 +1075,13 @@ def read_checkpoint(path: str) -> Any:
     load = _Load(path, os.path.getsize(path))
     return _finish(_read_any(load), load)
   except CheckpointError as e:
-    raise CheckpointError(_line(str(e))) from None
+    raise CheckpointError(one_line(str(e))) from None
   except (pickle.UnpicklingError, EOFError) as e:
     raise CheckpointError(
-        f'{path}: truncated file or not a pickle ({_line(_detail(e), 200)})') from None
+        f'{path}: truncated file or not a pickle ({one_line(_detail(e), 200)})') from None
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(f'{path}: malformed checkpoint ({type(e).__name__}: '
-                          f'{_line(_detail(e), 200)})') from None
+                          f'{one_line(_detail(e), 200)})') from None
 
 
 def read_network_pickle(path: str) -> dict:
@@ -1103,7 +1103,7 @@ def read_network_pickle(path: str) -> dict:
                           f'{type(data).__name__}, expected a dict holding networks)')
   if not any(isinstance(v, ModuleRecord) for v in data.values()):
     raise CheckpointError(f'{path}: not an EDM network pickle (no network in the top-level '
-                          f"dict; keys: {_names(data, _name) or 'none'})")
+                          f"dict; keys: {listing(data, label) or 'none'})")
   return data
 
 
@@ -1117,11 +1117,11 @@ def get_network(data: dict, key: str = 'ema', path: str = '<checkpoint>') -> Mod
   """
   value = data.get(key)
   if not isinstance(value, ModuleRecord):
-    found = _names(k for k, v in data.items() if isinstance(v, ModuleRecord))
+    found = listing(k for k, v in data.items() if isinstance(v, ModuleRecord))
     if key in data:
       raise CheckpointError(f'{path}: entry {key!r} is a {type(value).__name__}, not a network '
                             f'(networks: {found or "none"})')
-    raise CheckpointError(f"{path}: no {key!r} entry (found keys: {_names(data) or 'none'})")
+    raise CheckpointError(f"{path}: no {key!r} entry (found keys: {listing(data) or 'none'})")
   return value
 
 
@@ -1143,19 +1143,19 @@ def read_state_dict(path: str, key: str | None = None) -> dict[str, np.ndarray]:
   data = read_checkpoint(path)
   if key is not None:
     if not isinstance(data, dict) or key not in data:
-      keys = _names(data) if isinstance(data, dict) else type(data).__name__
+      keys = listing(data) if isinstance(data, dict) else type(data).__name__
       raise CheckpointError(f'{path}: no {key!r} entry (found keys: {keys})')
     data = data[key]
   if not isinstance(data, dict):
     raise CheckpointError(f'{path}: not a state dict (top level is a {type(data).__name__})')
   for name, value in data.items():
     if not isinstance(name, str):
-      raise CheckpointError(f'{path}: not a state dict (name {_short(name)} is a '
+      raise CheckpointError(f'{path}: not a state dict (name {brief(name)} is a '
                             f'{type(name).__name__}, not a string)')
     if not isinstance(value, np.ndarray):
       nested = [k for k, v in data.items() if isinstance(v, dict)]
-      hint = f'; choose one of {_names(nested)} with key=' if nested and key is None else ''
-      raise CheckpointError(f'{path}: not a flat state dict (entry {_short(name)} is a '
+      hint = f'; choose one of {listing(nested)} with key=' if nested and key is None else ''
+      raise CheckpointError(f'{path}: not a flat state dict (entry {brief(name)} is a '
                             f'{type(value).__name__}, not a tensor{hint})')
   return dict(data)
 
@@ -1172,7 +1172,7 @@ def main_guard(main: Callable[..., Any]) -> Callable[..., Any]:
     try:
       return main(*args, **kwargs)
     except CheckpointError as e:
-      print(f'error: {_line(str(e), 2000)}', file=sys.stderr)
+      print(f'error: {one_line(str(e), 2000)}', file=sys.stderr)
       sys.exit(2)
 
   return guarded
