@@ -71,8 +71,8 @@ def structure_problems(actual: Mapping[str, tuple], expected: Mapping[str, tuple
       the setting that most probably explains it (appended as ``; check ...``).
 
   Returns:
-    Wrong shapes (in file order), missing keys, then unexpected keys; empty when the
-    structures match.
+    Wrong shapes and unexpected keys (in file order), then missing keys; empty when
+    the structures match.
   """
   def render(key, kind, template):
     shapes = {k: list(v) if wording.lists else tuple(v)
@@ -83,9 +83,9 @@ def structure_problems(actual: Mapping[str, tuple], expected: Mapping[str, tuple
 
   return ([render(key, 'shape', wording.shape) for key in actual
            if key in expected and tuple(actual[key]) != tuple(expected[key])]
-          + [render(key, 'missing', wording.missing) for key in expected if key not in actual]
           + [render(key, 'unexpected', wording.unexpected) for key in actual
-             if key not in expected])
+             if key not in expected]
+          + [render(key, 'missing', wording.missing) for key in expected if key not in actual])
 
 
 def raise_problems(problems: Sequence[str]) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 from checkpoints_convert import common
 from checkpoints_convert import reader
 from checkpoints_convert.common import ConversionError, Rule
-from checkpoints_convert.reader import (CheckpointError, ModuleRecord, get_network, main_guard,
+from checkpoints_convert.reader import (ModuleRecord, get_network, main_guard,
                                         read_network_pickle)
 from isir_jax.networks import layers
 from isir_jax.networks import precond
@@ -166,8 +166,8 @@ def flax_variables(state_dict: dict[str, np.ndarray],
     elif leaf == 'bias':
       collection = 'params'
     else:
-      raise ConversionError(f'{what}: unexpected tensor {reader.brief(key, 120)} with shape {value.shape} '
-                            '(not a parameter of an EDM layer)')
+      raise ConversionError(f'{what}: unexpected tensor {reader.brief(key, 120)} with shape '
+                            f'{value.shape} (not a parameter of an EDM layer)')
     node = variables.setdefault(collection, {})
     for part in path:
       node = node.setdefault(part, {})
@@ -255,8 +255,8 @@ def _define_flags():
 @main_guard
 def main(argv):
   del argv
-  if not FLAGS.src or not FLAGS.dst:
-    raise CheckpointError('both --src FILE.pkl and --dst DIR are required')
+  if not FLAGS.src:
+    raise ConversionError('--src FILE.pkl is required')
 
   def run():
     variables, config = convert(FLAGS.src)

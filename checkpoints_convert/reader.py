@@ -215,7 +215,7 @@ class ModuleRecord:
                  *((k, v) for k, v in (state.get('_buffers') or {}).items() if k not in skipped)]
       for name, value in [*tensors, *(state.get('_modules') or {}).items()]:
         if not isinstance(name, str):
-          raise self._fail(f'name {brief(name)} in {label(prefix or record.class_name)} is '
+          raise self._fail(f'name {brief(name)} in {label(prefix[:-1] or record.class_name)} is '
                            f'a {type(name).__name__}, not a string')
       for name, value in tensors:
         if value is not None and not isinstance(value, np.ndarray):
