@@ -56,7 +56,7 @@ MODEL_RULES = {
     'out_channels': Rule(int, 1, 64), 'label_dim': Rule(int, 0, 100_000),
     'augment_dim': Rule(int, 0, 64), 'model_channels': Rule(int, 1, 4096),
     'channel_mult': Rule(int, 1, 64, length=(1, 8)), 'channel_mult_emb': Rule(int, 1, 64),
-    'num_blocks': Rule(int, 1, 32), 'attn_resolutions': Rule(int, 1, 4096, length=(0, 16)),
+    'num_blocks': Rule(int, 0, 32), 'attn_resolutions': Rule(int, 1, 4096, length=(0, 16)),
     'dropout': Rule(float, 0, 1), 'label_dropout': Rule(float, 0, 1),
     'embedding_type': Rule(str, choices=('positional', 'fourier')),
     'channel_mult_noise': Rule(int, 1, 64),

@@ -128,7 +128,7 @@ EDM_CASES = {
     'empty_channel_mult': ('ddpmpp_vp.pkl', _set_model_kwarg('channel_mult', []),
                            'channel_mult=[] is not a list of 1 to 8 items'),
     'num_blocks_huge': ('ddpmpp_vp.pkl', _set_model_kwarg('num_blocks', 10 ** 6),
-                        'num_blocks=1000000 is not an int in [1, 32]'),
+                        'num_blocks=1000000 is not an int in [0, 32]'),
     'malformed_filter_kwarg': ('ddpmpp_vp.pkl', _set_model_kwarg('resample_filter', [[1], 'x']),
                                'resample_filter='),
     'malformed_filter_buffer': ('ddpmpp_vp.pkl', _bad_filter_buffer,
