@@ -9,7 +9,8 @@ The defaults are DG's published CIFAR-10 configuration (``classifier_lib.py``): 
 classifier is ADM's ``create_classifier`` at 32x32 (width 128, depth 4, attention at
 32/16/8, scale-shift norm, resblock down, attention pool, 1000 outputs); the head is
 the same family at 8x8 on its 512 feature channels (width 128, depth 2, one output,
-1000-row label embedding when conditional). The files are read without torch; every
+1000-row label embedding when conditional). The flags are checked against
+``ARCH_RULES`` before anything is built; the files are read without torch; every
 tensor is checked against ``jax.eval_shape`` of the configured networks before
 anything is written.
 """
@@ -17,7 +18,6 @@ anything is written.
 import dataclasses
 import os
 import re
-import sys
 from typing import Mapping, Optional, Sequence
 
 from absl import app
@@ -25,8 +25,9 @@ from absl import flags
 import jax
 import numpy as np
 
-from checkpoints_convert.reader import CheckpointError, read_state_dict
-from isir_jax import checkpoints
+from checkpoints_convert import common
+from checkpoints_convert.common import ConversionError, Rule
+from checkpoints_convert.reader import main_guard, read_state_dict
 from isir_jax import discriminator as dg
 
 # ADM's create_classifier: channel multipliers per image size.
@@ -34,10 +35,18 @@ CHANNEL_MULT = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 
                 64: (1, 2, 3, 4), 32: (1, 2, 4), 16: (1, 2), 8: (1,)}
 # Torch Conv1d (1x1) layers; every other 2-D weight is an nn.Linear or the label embedding.
 _CONV1D = ('qkv', 'proj_out', 'qkv_proj', 'c_proj')
-
-
-class ConversionError(ValueError):
-  """The checkpoint does not match the configured architecture (message lists why)."""
+# Type and range of every Arch field (the CLI flags); None means the default where allowed.
+ARCH_RULES = {
+    'image_size': Rule(int, 1, 1024), 'classifier_width': Rule(int, 1, 4096),
+    'classifier_depth': Rule(int, 1, 32), 'classifier_attention_resolutions': Rule(str),
+    'classifier_channel_mult': Rule(float, 0.125, 64, length=(1, 8)),
+    'classifier_out_channels': Rule(int, 1, 100_000), 'disc_width': Rule(int, 1, 4096),
+    'disc_depth': Rule(int, 1, 32), 'disc_attention_resolutions': Rule(str),
+    'num_head_channels': Rule(int, 1, 4096), 'num_classes': Rule(int, 1, 100_000),
+    'cond': Rule(bool), 'time_map': Rule(str, choices=dg.TIME_MAPS),
+    'prob_clip': Rule(float, 0, 0.5),
+}
+_OPTIONAL = ('classifier_depth', 'classifier_channel_mult', 'time_map')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +72,18 @@ class Arch:
   time_map: Optional[str] = None
   prob_clip: float = 0.
 
+  def check(self) -> None:
+    """Raises ConversionError naming the first flag of the wrong type or range."""
+    values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    common.check_values({k: v for k, v in values.items()
+                         if v is not None or k not in _OPTIONAL}, ARCH_RULES, '', '--')
+    levels = len(self._mult()) - 1
+    if self.image_size % 2 ** levels:
+      raise ConversionError(f'--image_size={self.image_size} is not divisible by 2^{levels} '
+                            f'(channel multipliers {list(self._mult())})')
+    for flag in ('classifier_attention_resolutions', 'disc_attention_resolutions'):
+      _resolutions(getattr(self, flag), flag)
+
   def _mult(self) -> tuple:
     if self.classifier_channel_mult:
       return tuple(self.classifier_channel_mult)
@@ -76,29 +97,49 @@ class Arch:
     if depth is None:
       depth = 4 if self.image_size in (32, 64) else 2
     return _kwargs(self.image_size, 3, self.classifier_width, self.classifier_out_channels,
-                   depth, self.classifier_attention_resolutions, self._mult(),
+                   depth, _resolutions(self.classifier_attention_resolutions,
+                                       'classifier_attention_resolutions'), self._mult(),
                    self.num_head_channels, 0)
 
   def head_kwargs(self) -> dict:
     mult = self._mult()
     size = self.image_size // 2 ** (len(mult) - 1)
     return _kwargs(size, int(mult[-1] * self.classifier_width), self.disc_width, 1,
-                   self.disc_depth, self.disc_attention_resolutions, CHANNEL_MULT.get(size, (1,)),
+                   self.disc_depth,
+                   _resolutions(self.disc_attention_resolutions, 'disc_attention_resolutions'),
+                   CHANNEL_MULT.get(size, (1,)),
                    self.num_head_channels, self.num_classes if self.cond else 0)
 
   def discriminator(self, params=None) -> dg.DGDiscriminator:
-    """The configured discriminator (abstract when ``params`` is None)."""
+    """The configured discriminator (abstract when ``params`` is None), flags checked first."""
+    self.check()
     time_map = self.time_map or ('cosine' if self.image_size == 64 else 'linear')
-    return dg.DGDiscriminator.from_modules(
+    return common.build(lambda: dg.DGDiscriminator.from_modules(
         dg.module_from_config(self.encoder_kwargs()), dg.module_from_config(self.head_kwargs()),
-        params, {'time_map': time_map, 'prob_clip': self.prob_clip})
+        params, {'time_map': time_map, 'prob_clip': self.prob_clip}), 'flags')
+
+  def expected_params(self) -> tuple[dg.DGDiscriminator, dict]:
+    """The abstract discriminator and the shapes of its params (``jax.eval_shape``)."""
+    disc = self.discriminator()
+    return disc, common.build(
+        lambda: dg.init_params(disc.encoder, disc.head, jax.random.key(0), abstract=True),
+        'flags')
+
+
+def _resolutions(text: str, flag: str) -> list[int]:
+  """'32,16,8' -> [32, 16, 8]; '' -> []."""
+  parts = [p.strip() for p in text.split(',')] if text.strip() else []
+  if len(parts) > 16 or not all(p.isascii() and p.isdigit() and 1 <= int(p) <= 4096 for p in parts):
+    raise ConversionError(f'--{flag}={text[:80]!r} is not a comma-separated list of at most '
+                          '16 ints in [1, 4096]')
+  return [int(p) for p in parts]
 
 
 def _kwargs(image_size, in_channels, width, out_channels, depth, resolutions, mult,
             head_channels, num_classes) -> dict:
   return dict(image_size=image_size, in_channels=in_channels, model_channels=width,
               out_channels=out_channels, num_res_blocks=depth,
-              attention_resolutions=[image_size // int(r) for r in resolutions.split(',')],
+              attention_resolutions=[image_size // r for r in resolutions],
               channel_mult=list(mult), num_head_channels=head_channels,
               use_scale_shift_norm=True, resblock_updown=True, num_classes=num_classes)
 
@@ -198,21 +239,12 @@ def check_state_dict(state: Mapping[str, np.ndarray], expected: Mapping[str, tup
     prefix: 'classifier' or 'disc', the flag family of this network.
 
   Returns:
-    One message per wrong shape, missing key and extra key (empty when all match).
+    One message per wrong shape, missing key and extra key, each naming the flag
+    that most probably differs (empty when all match).
   """
-  problems = []
-  for key, shape in expected.items():
-    if key not in state:
-      problems.append(f'{what}: missing key {key!r} (expected shape {shape}); '
-                      f'check {_hint(key, prefix, "missing")}')
-    elif tuple(np.shape(state[key])) != shape:
-      problems.append(f'{what}: key {key!r} has shape {tuple(np.shape(state[key]))}, '
-                      f'expected {shape}; check {_hint(key, prefix, "shape")}')
-  for key in state:
-    if key not in expected:
-      problems.append(f'{what}: unexpected key {key!r} with shape '
-                      f'{tuple(np.shape(state[key]))}; check {_hint(key, prefix, "extra")}')
-  return problems
+  return common.structure_problems({k: tuple(np.shape(v)) for k, v in state.items()},
+                                   expected, what,
+                                   hint=lambda key, kind: _hint(key, prefix, kind))
 
 
 def convert(classifier_state: Mapping[str, np.ndarray],
@@ -223,13 +255,10 @@ def convert(classifier_state: Mapping[str, np.ndarray],
   Raises:
     ConversionError: listing every mismatch, missing key and extra key.
   """
-  disc = arch.discriminator()
-  shapes = dg.init_params(disc.encoder, disc.head, jax.random.key(0), abstract=True)
-  problems = (check_state_dict(classifier_state, torch_shapes(shapes['encoder']),
-                               names[0], 'classifier')
-              + check_state_dict(disc_state, torch_shapes(shapes['head']), names[1], 'disc'))
-  if problems:
-    raise ConversionError('; '.join(problems))
+  disc, shapes = arch.expected_params()
+  common.raise_problems(
+      check_state_dict(classifier_state, torch_shapes(shapes['encoder']), names[0], 'classifier')
+      + check_state_dict(disc_state, torch_shapes(shapes['head']), names[1], 'disc'))
   params = {'encoder': to_flax(classifier_state), 'head': to_flax(disc_state)}
   got = jax.tree_util.tree_map(np.shape, params)
   want = jax.tree_util.tree_map(lambda s: tuple(s.shape), shapes)
@@ -247,7 +276,7 @@ def _define_flags():
   flags.DEFINE_string('discriminator', None,
                       'DG head state dict (discriminator_60.pt uncond, discriminator_250.pt cond); '
                       'omit it to convert the classifier alone, for training a new head.')
-  flags.DEFINE_string('dst', None, 'Output model directory (config.json + orbax params).')
+  common.define_output_flags()
   flags.DEFINE_bool('cond', False, 'The head is class conditional (has label_emb).')
   flags.DEFINE_integer('image_size', Arch.image_size, 'Classifier input resolution; 64 selects '
                        'the cosine time map and ADM 64x64 channel multipliers.')
@@ -281,52 +310,63 @@ def convert_classifier(classifier_state: Mapping[str, np.ndarray], arch: Arch,
   Raises:
     ConversionError: listing every mismatch, missing key and extra key.
   """
-  disc = arch.discriminator()
-  shapes = dg.init_params(disc.encoder, disc.head, jax.random.key(0), abstract=True)['encoder']
-  problems = check_state_dict(classifier_state, torch_shapes(shapes), name, 'classifier')
-  if problems:
-    raise ConversionError('; '.join(problems))
+  disc, shapes = arch.expected_params()
+  common.raise_problems(
+      check_state_dict(classifier_state, torch_shapes(shapes['encoder']), name, 'classifier'))
   return (to_flax(classifier_state),
           {'family': dg.CLASSIFIER_FAMILY, 'module': dg.module_config(disc.encoder)})
 
 
-def main(argv):
-  del argv
-  arch = Arch(
+def _arch_from_flags() -> Arch:
+  try:
+    mult = tuple(float(m) for m in FLAGS.classifier_channel_mult or ())
+  except ValueError:
+    raise ConversionError(f'--classifier_channel_mult={FLAGS.classifier_channel_mult!r} is not '
+                          'a list of numbers') from None
+  return Arch(
       image_size=FLAGS.image_size, classifier_width=FLAGS.classifier_width,
       classifier_depth=FLAGS.classifier_depth,
       classifier_attention_resolutions=FLAGS.classifier_attention_resolutions,
-      classifier_channel_mult=tuple(float(m) for m in FLAGS.classifier_channel_mult or ()),
+      classifier_channel_mult=mult or None,
       classifier_out_channels=FLAGS.classifier_out_channels, disc_width=FLAGS.disc_width,
       disc_depth=FLAGS.disc_depth, disc_attention_resolutions=FLAGS.disc_attention_resolutions,
       num_head_channels=FLAGS.num_head_channels, num_classes=FLAGS.num_classes,
       cond=FLAGS.cond, time_map=FLAGS.time_map, prob_clip=FLAGS.prob_clip)
-  try:
-    if not FLAGS.discriminator:
-      params, config = convert_classifier(read_state_dict(FLAGS.classifier), arch,
-                                          FLAGS.classifier)
-    else:
-      states = [read_state_dict(p) for p in (FLAGS.classifier, FLAGS.discriminator)]
-      params, config = convert(*states, arch, names=(FLAGS.classifier, FLAGS.discriminator))
-  except (CheckpointError, ValueError, OSError) as e:  # ConversionError is a ValueError.
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  if not FLAGS.discriminator:
-    config['source'] = {'classifier': os.path.basename(FLAGS.classifier)}
-    checkpoints.save_model(FLAGS.dst, params, config)
+
+
+def convert_files(classifier: str, discriminator: Optional[str], arch: Arch,
+                  dst: str) -> tuple[dict, dict, str]:
+  """Reads and converts the classifier (and the head, if given).
+
+  Returns:
+    ``(params, config, summary line)``; ``dst`` is only named in the line.
+  """
+  arch.check()
+  if not discriminator:
+    params, config = convert_classifier(read_state_dict(classifier), arch, classifier)
+    config['source'] = {'classifier': os.path.basename(classifier)}
     n = sum(np.size(v) for v in jax.tree_util.tree_leaves(params))
-    print(f'converted {FLAGS.classifier} -> {FLAGS.dst}: {n:,} params, classifier only '
-          '(for --mode=train_discriminator)')
-    return
-  config['source'] = {'classifier': os.path.basename(FLAGS.classifier),
-                      'discriminator': os.path.basename(FLAGS.discriminator)}
-  checkpoints.save_model(FLAGS.dst, params, config)
+    return params, config, (f'converted {classifier} -> {dst}: {n:,} params, classifier '
+                            'only (for --mode=train_discriminator)')
+  states = [read_state_dict(p) for p in (classifier, discriminator)]
+  params, config = convert(*states, arch, names=(classifier, discriminator))
+  config['source'] = {'classifier': os.path.basename(classifier),
+                      'discriminator': os.path.basename(discriminator)}
   n = sum(np.size(v) for v in jax.tree_util.tree_leaves(params))
   head = config['head']
-  print(f'converted {FLAGS.classifier} + {FLAGS.discriminator} -> {FLAGS.dst}: {n:,} params, '
-        f'{"conditional" if head["num_classes"] else "unconditional"} head, '
-        f'features {head["in_channels"]}x{head["image_size"]}x{head["image_size"]}, '
-        f'time map {config["time_map"]}')
+  return params, config, (
+      f'converted {classifier} + {discriminator} -> {dst}: {n:,} params, '
+      f'{"conditional" if head["num_classes"] else "unconditional"} head, '
+      f'features {head["in_channels"]}x{head["image_size"]}x{head["image_size"]}, '
+      f'time map {config["time_map"]}')
+
+
+@main_guard
+def main(argv):
+  del argv
+  sources = [p for p in (FLAGS.classifier, FLAGS.discriminator) if p]
+  common.run(lambda: convert_files(FLAGS.classifier, FLAGS.discriminator, _arch_from_flags(),
+                                   FLAGS.dst), FLAGS.dst, sources, FLAGS.overwrite)
 
 
 if __name__ == '__main__':

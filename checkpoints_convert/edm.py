@@ -7,24 +7,28 @@ The pickle is read by the restricted reader (no torch, nothing from the file is
 executed). The ``ema`` network's preconditioner (VP/VE/iDDPM/EDM) and U-Net
 (SongUNet/DhariwalUNet) become the architecture config; every tensor is renamed to
 the Flax tree (``model.enc.16x16_block0.conv0.weight`` ->
-``params/model/enc_16x16_block0/conv0/kernel``, OIHW -> HWIO). The result must
-match ``jax.eval_shape`` of the module's init key for key and shape for shape, and
-the buffers that the Flax modules compute (resampling filters, iDDPM's levels, VP's
-sigma range) must match the file, before anything is written.
+``params/model/enc_16x16_block0/conv0/kernel``, OIHW -> HWIO). Every architecture
+value is checked against its rule (``PRECOND_RULES``, ``MODEL_RULES``) before the
+module is built; the result must match ``jax.eval_shape`` of the module's init key
+for key and shape for shape, and the buffers that the Flax modules compute
+(resampling filters, iDDPM's levels, VP's sigma range) must match the file, before
+anything is written.
 """
 
 import dataclasses
+import math
 import os
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 import numpy as np
 
-from checkpoints_convert.reader import (CheckpointError, ModuleRecord, get_network, main_guard,
+from checkpoints_convert import common
+from checkpoints_convert import reader
+from checkpoints_convert.common import ConversionError, Rule
+from checkpoints_convert.reader import (ModuleRecord, get_network, main_guard,
                                         read_network_pickle)
-from isir_jax import checkpoints
 from isir_jax.networks import layers
 from isir_jax.networks import precond
 
@@ -37,10 +41,33 @@ _PRECOND_FIELDS = {
     'EDMPrecond': ('sigma_min', 'sigma_max', 'sigma_data'),
 }
 _SHARED_FIELDS = ('img_resolution', 'img_channels', 'label_dim')
-
-
-class ConversionError(CheckpointError):
-  """The network in the file does not fit the Flax architecture (one-line message)."""
+_SIGMA = Rule(float, 0, math.inf)
+# Type and range of every architecture value a file may carry. The bounds keep
+# jax.eval_shape's tracing small (it grows with levels and blocks, not with widths).
+PRECOND_RULES = {
+    'img_resolution': Rule(int, 1, 4096), 'img_channels': Rule(int, 1, 64),
+    'label_dim': Rule(int, 0, 100_000), 'beta_d': Rule(float, 0, 1e3),
+    'beta_min': Rule(float, 0, 1e3), 'M': Rule(int, 1, 100_000), 'epsilon_t': Rule(float, 0, 1),
+    'sigma_min': _SIGMA, 'sigma_max': _SIGMA, 'sigma_data': Rule(float, 1e-6, 1e6),
+    'C_1': Rule(float, 0, 1), 'C_2': Rule(float, 0, 1),
+}
+MODEL_RULES = {
+    'img_resolution': Rule(int, 1, 4096), 'in_channels': Rule(int, 1, 64),
+    'out_channels': Rule(int, 1, 64), 'label_dim': Rule(int, 0, 100_000),
+    'augment_dim': Rule(int, 0, 64), 'model_channels': Rule(int, 1, 4096),
+    'channel_mult': Rule(int, 1, 64, length=(1, 8)), 'channel_mult_emb': Rule(int, 1, 64),
+    'num_blocks': Rule(int, 0, 32), 'attn_resolutions': Rule(int, 1, 4096, length=(0, 16)),
+    'dropout': Rule(float, 0, 1), 'label_dropout': Rule(float, 0, 1),
+    'embedding_type': Rule(str, choices=('positional', 'fourier')),
+    'channel_mult_noise': Rule(int, 1, 64),
+    'encoder_type': Rule(str, choices=('standard', 'skip', 'residual')),
+    'decoder_type': Rule(str, choices=('standard', 'skip')),
+    'resample_filter': Rule(float, 1e-6, 1e6, length=(1, 16)),
+}
+# Flax paths keep their '/'-joined names; no flag to name (the file carries the config).
+_WORDING = common.Wording(missing='missing {key} (expected shape {expected})',
+                          shape='{key} has shape {actual}, expected {expected}',
+                          unexpected='unexpected {key} with shape {actual}', quote=False)
 
 
 def _bare(class_name: str) -> str:
@@ -63,11 +90,15 @@ def module_config(net: ModuleRecord, path: str) -> dict:
     net: the ``ema`` network record.
     path: the file, for messages.
   Returns:
-    ``{'class_name', 'kwargs', 'model': {'class_name', 'kwargs'}}``.
+    ``{'class_name', 'kwargs', 'model': {'class_name', 'kwargs'}}``, every value
+    checked against ``PRECOND_RULES`` / ``MODEL_RULES``.
+  Raises:
+    ConversionError: an unsupported class or option, a missing attribute, or a value
+      of the wrong type or range.
   """
   name = _bare(net.class_name)
   if name not in _PRECOND_FIELDS:
-    raise ConversionError(f'{path}: network class {net.class_name!r} is not supported '
+    raise ConversionError(f'{path}: network class {reader.brief(net.class_name)} is not supported '
                           f'(expected one of {", ".join(_PRECOND_FIELDS)})')
   kwargs = {}
   for field in _SHARED_FIELDS + _PRECOND_FIELDS[name]:
@@ -75,24 +106,22 @@ def module_config(net: ModuleRecord, path: str) -> dict:
     if value is None:
       raise ConversionError(f'{path}: {name} has no attribute {field!r}')
     kwargs[field] = _plain(value)
+  common.check_values(kwargs, PRECOND_RULES, f'{path}: {name}')
 
   model = net.submodule('model')
   model_name = _bare(model.class_name)
   if model_name not in precond.MODELS:
-    raise ConversionError(f'{path}: model class {model.class_name!r} is not supported '
+    raise ConversionError(f'{path}: model class {reader.brief(model.class_name)} is not supported '
                           f'(expected one of {", ".join(precond.MODELS)})')
   fields = {f.name for f in dataclasses.fields(precond.MODELS[model_name])} - {
       'dtype', 'parent', 'name'}
-  model_kwargs = dict(model.init_kwargs)
+  model_kwargs = {k: _plain(v) for k, v in model.init_kwargs.items()}
   if not model_kwargs:
     raise ConversionError(f'{path}: {model_name} has no recorded init kwargs')
-  unknown = sorted(set(model_kwargs) - fields)
-  if unknown:
-    raise ConversionError(f'{path}: {model_name} option {unknown[0]!r}='
-                          f'{model_kwargs[unknown[0]]!r} is not supported')
+  common.check_values(model_kwargs, {k: r for k, r in MODEL_RULES.items() if k in fields},
+                      f'{path}: {model_name}')
   return {'class_name': name, 'kwargs': kwargs,
-          'model': {'class_name': model_name,
-                    'kwargs': {k: _plain(v) for k, v in model_kwargs.items()}}}
+          'model': {'class_name': model_name, 'kwargs': model_kwargs}}
 
 
 def flax_variables(state_dict: dict[str, np.ndarray],
@@ -137,8 +166,8 @@ def flax_variables(state_dict: dict[str, np.ndarray],
     elif leaf == 'bias':
       collection = 'params'
     else:
-      raise ConversionError(f'{what}: unexpected tensor {key!r} with shape {value.shape} '
-                            '(not a parameter of an EDM layer)')
+      raise ConversionError(f'{what}: unexpected tensor {reader.brief(key, 120)} with shape '
+                            f'{value.shape} (not a parameter of an EDM layer)')
     node = variables.setdefault(collection, {})
     for part in path:
       node = node.setdefault(part, {})
@@ -158,16 +187,8 @@ def _flat_shapes(tree) -> dict[str, tuple]:
 
 
 def check_structure(variables: dict, expected: dict[str, tuple], what: str) -> None:
-  """Raises ConversionError naming the first key whose presence or shape differs."""
-  actual = _flat_shapes(variables)
-  for key, shape in expected.items():
-    if key not in actual:
-      raise ConversionError(f'{what}: missing {key} (expected shape {shape})')
-    if actual[key] != shape:
-      raise ConversionError(f'{what}: {key} has shape {actual[key]}, expected {shape}')
-  for key, shape in actual.items():
-    if key not in expected:
-      raise ConversionError(f'{what}: unexpected {key} with shape {shape}')
+  """Raises ConversionError naming the keys whose presence or shape differs."""
+  common.check_structure(_flat_shapes(variables), expected, what, _WORDING)
 
 
 def check_computed(module, config: dict, computed: dict, net: ModuleRecord, what: str) -> None:
@@ -176,16 +197,22 @@ def check_computed(module, config: dict, computed: dict, net: ModuleRecord, what
   kernel = layers.resample_kernel(taps)
   for key, value in computed.items():
     if key.endswith('resample_filter'):
-      if value.shape[-2:] != kernel.shape or not np.allclose(value.reshape(kernel.shape), kernel):
+      if (value.shape[-2:] != kernel.shape or value.size != kernel.size
+          or not np.allclose(value.reshape(kernel.shape), kernel)):
         raise ConversionError(f'{what}: {key} differs from resample_filter={taps}')
     elif key == 'u':
       u = module.u
-      if value.shape != u.shape or not np.allclose(value, u, rtol=1e-4, atol=0):
+      if value.shape != u.shape:
+        raise ConversionError(f'{what}: iDDPM levels u have shape {value.shape}, expected '
+                              f'{u.shape} (M={module.M})')
+      if not np.allclose(value, u, rtol=1e-4, atol=0):
         raise ConversionError(f'{what}: iDDPM levels u differ from C_1={module.C_1}, '
                               f'C_2={module.C_2}, M={module.M} (max rel. difference '
                               f'{np.max(np.abs(value - u) / np.maximum(u, 1e-30)):.3g})')
   for field in ('sigma_min', 'sigma_max'):
-    stored = net.state.get(field)
+    stored = _plain(net.state.get(field))
+    if stored is not None:
+      common.check_values({field: stored}, PRECOND_RULES, f'{what}: {_bare(net.class_name)}')
     if stored is not None and not np.isclose(getattr(module, field), stored, rtol=1e-5, atol=0):
       raise ConversionError(f'{what}: {field}={stored} in the file, but the config gives '
                             f'{getattr(module, field)}')
@@ -200,9 +227,10 @@ def convert(path: str, key: str = 'ema') -> tuple[dict, dict]:
   net = get_network(read_network_pickle(path), key, path)
   config = {'family': FAMILY, 'source': os.path.basename(path),
             'module': module_config(net, path)}
-  module = precond.build_precond(config['module'])
+  module = common.build(lambda: precond.build_precond(config['module']), path)
+  expected = common.build(lambda: expected_shapes(module), path)
   variables, computed = flax_variables(net.state_dict(), path)
-  check_structure(variables, expected_shapes(module), path)
+  check_structure(variables, expected, path)
   check_computed(module, config['module'], computed, net, path)
   return variables, config
 
@@ -221,18 +249,20 @@ FLAGS = flags.FLAGS
 def _define_flags():
   """CLI flags, defined only when run as a script (importers keep a clean flag set)."""
   flags.DEFINE_string('src', None, 'EDM network pickle (.pkl).')
-  flags.DEFINE_string('dst', None, 'Output model directory (config.json + params/).')
+  common.define_output_flags()
 
 
 @main_guard
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)  # orbax's progress logs; we print one line.
-  if not FLAGS.src or not FLAGS.dst:
-    raise CheckpointError('both --src FILE.pkl and --dst DIR are required')
-  variables, config = convert(FLAGS.src)
-  checkpoints.save_model(FLAGS.dst, variables, config)
-  print(f'{summary(variables, config)} -> {FLAGS.dst}')
+  if not FLAGS.src:
+    raise ConversionError('--src FILE.pkl is required')
+
+  def run():
+    variables, config = convert(FLAGS.src)
+    return variables, config, f'{summary(variables, config)} -> {FLAGS.dst}'
+
+  common.run(run, FLAGS.dst, [FLAGS.src], FLAGS.overwrite)
 
 
 if __name__ == '__main__':

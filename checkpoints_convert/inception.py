@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from checkpoints_convert.reader import CheckpointError, main_guard, read_state_dict
-from isir_jax import checkpoints
+from checkpoints_convert import common
+from checkpoints_convert.reader import main_guard, read_state_dict
 from isir_jax.fid import FAMILY
 from isir_jax.networks.inception import InceptionV3FID
 
@@ -31,6 +31,10 @@ _IGNORED_SUFFIX = '.num_batches_tracked'
 # Flax leaf -> torch parameter / buffer name (batch norm means and variances are buffers).
 _TORCH_LEAF = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias',
                'mean': 'running_mean', 'var': 'running_var'}
+_RULES = {'width_divisor': common.Rule(int, 1, 64)}
+_WORDING = common.Wording(shape='key {key}: expected shape {expected}, got {actual}',
+                          unexpected='unexpected key {key} (shape {actual})', quote=False,
+                          lists=True)
 
 
 def _to_torch_layout(leaf: str, shape: tuple) -> tuple:
@@ -71,20 +75,14 @@ def convert(state: Mapping[str, np.ndarray], width_divisor: int = 1,
   """Checks a torch state dict against the module and returns Flax variables.
 
   Raises:
-    CheckpointError: naming every missing or unexpected key and every shape that
-      differs (expected and actual, in torch layout).
+    ConversionError: naming the missing or unexpected keys and the shapes that differ
+      (expected and actual, in torch layout).
   """
-  layout = expected_layout(width_divisor)
-  problems = [f'key {k}: expected shape {list(layout[k][1])}, got {list(v.shape)}'
-              for k, v in state.items() if k in layout and tuple(v.shape) != layout[k][1]]
-  problems += [f'missing key {k} (expected shape {list(shape)})'
-               for k, (_, shape) in layout.items() if k not in state]
-  problems += [f'unexpected key {k} (shape {list(v.shape)})' for k, v in state.items()
-               if k not in layout and not k.endswith(_IGNORED_SUFFIX)]
-  if problems:
-    more = f' (and {len(problems) - 5} more)' if len(problems) > 5 else ''
-    raise CheckpointError(f'{source}: not the FID Inception-v3 state dict: '
-                          + '; '.join(problems[:5]) + more)
+  common.check_values({'width_divisor': width_divisor}, _RULES, source)
+  layout = common.build(lambda: expected_layout(width_divisor), source)
+  common.check_structure(
+      {k: tuple(np.shape(v)) for k, v in state.items() if not k.endswith(_IGNORED_SUFFIX)},
+      {k: shape for k, (_, shape) in layout.items()}, source, _WORDING)
   variables = {}
   for key, (names, _) in layout.items():
     node = variables
@@ -94,12 +92,20 @@ def convert(state: Mapping[str, np.ndarray], width_divisor: int = 1,
   return variables
 
 
-def convert_file(src: str, dst: str, width_divisor: int = 1) -> None:
-  """Reads ``src`` (torch.save'd state dict), converts it and writes the model to ``dst``."""
+def _read_and_convert(src: str, width_divisor: int) -> tuple[dict, dict]:
   variables = convert(read_state_dict(src), width_divisor, source=src)
-  config = {'family': FAMILY, 'module': {'width_divisor': width_divisor},
-            'source': os.path.basename(src)}
-  checkpoints.save_model(dst, variables, config)
+  return variables, {'family': FAMILY, 'module': {'width_divisor': width_divisor},
+                     'source': os.path.basename(src)}
+
+
+def convert_file(src: str, dst: str, width_divisor: int = 1, overwrite: bool = False) -> None:
+  """Reads ``src`` (torch.save'd state dict), converts it and writes the model to ``dst``.
+
+  ``dst`` is checked (``common.check_dst``) before ``src`` is read, and written atomically.
+  """
+  common.check_dst(dst, [src], overwrite)
+  variables, config = _read_and_convert(src, width_divisor)
+  common.write_model(dst, variables, config, [src], overwrite)
 
 
 FLAGS = flags.FLAGS
@@ -108,15 +114,15 @@ FLAGS = flags.FLAGS
 def _define_flags():
   """CLI flags, defined only when run as a script (importers keep a clean flag set)."""
   flags.DEFINE_string('src', None, 'pytorch-fid weights: pt_inception-2015-12-05-6726825d.pth')
-  flags.DEFINE_string('dst', None, 'output model directory (replaced if it exists)')
+  common.define_output_flags()
 
 
 @main_guard
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  convert_file(FLAGS.src, FLAGS.dst)
-  print(f'wrote {FLAGS.dst}')
+  common.run(lambda: (*_read_and_convert(FLAGS.src, 1), f'wrote {FLAGS.dst}'), FLAGS.dst,
+             [FLAGS.src], FLAGS.overwrite)
 
 
 if __name__ == '__main__':

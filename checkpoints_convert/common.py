@@ -1,0 +1,339 @@
+"""What the three converters (edm, dg, inception) share, each in one place.
+
+* :class:`ConversionError`: the one error type of a conversion (a CheckpointError,
+  so ``main_guard`` prints it as one ``error:`` line and exits 2).
+* :func:`structure_problems` / :func:`check_structure`: the file's tensors against
+  the architecture's, key for key and shape for shape, naming the key, both shapes and
+  the setting that most probably differs.
+* :func:`check_values`: every architecture value against its :class:`Rule` (type and
+  range), before any module is built or traced (:func:`build`).
+* :func:`check_dst`: refuses a ``--dst`` the converter must not write or replace,
+  before any input is read.
+* :func:`write_model`: writes to a temporary sibling, then renames into place; on error
+  removes only what it wrote.
+* :func:`run`: the converters' CLI body (``--dst`` check, convert, non-finite warning,
+  write, one summary line).
+"""
+
+import dataclasses
+import math
+import os
+import shutil
+import sys
+import tempfile
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from absl import flags
+from absl import logging
+import jax
+import numpy as np
+
+from checkpoints_convert import reader
+from checkpoints_convert.reader import CheckpointError
+from isir_jax import checkpoints
+
+_MAX_PROBLEMS = 5
+
+
+class ConversionError(CheckpointError):
+  """The file does not fit the architecture, or a setting is invalid (one-line message)."""
+
+
+# ---------------------------------------------------------------------------
+# Structure: expected vs actual tensors.
+
+
+@dataclasses.dataclass(frozen=True)
+class Wording:
+  """How a converter words the three kinds of structure problem.
+
+  Templates get ``key``, ``actual`` and ``expected``. ``quote`` renders keys with
+  ``repr`` (else as they are when printable); ``lists`` renders shapes as ``[a, b]``.
+  """
+  missing: str = 'missing key {key} (expected shape {expected})'
+  shape: str = 'key {key} has shape {actual}, expected {expected}'
+  unexpected: str = 'unexpected key {key} with shape {actual}'
+  quote: bool = True
+  lists: bool = False
+
+
+def structure_problems(actual: Mapping[str, tuple], expected: Mapping[str, tuple], source: str,
+                       wording: Wording = Wording(),
+                       hint: Optional[Callable[[str, str], str]] = None) -> list[str]:
+  """Compares tensor shapes by key; returns one message per difference.
+
+  Args:
+    actual: key -> shape found in the file (or converted from it).
+    expected: key -> shape the configured architecture has.
+    source: the file, prefixed to each message.
+    wording: the converter's wording.
+    hint: ``hint(key, kind)`` with kind ``'missing'``, ``'shape'`` or ``'unexpected'``:
+      the setting that most probably explains it (appended as ``; check ...``).
+
+  Returns:
+    Wrong shapes and unexpected keys (in file order), then missing keys; empty when
+    the structures match.
+  """
+  def render(key, kind, template):
+    shapes = {k: list(v) if wording.lists else tuple(v)
+              for k, v in (('actual', actual.get(key, ())), ('expected', expected.get(key, ())))}
+    name = reader.brief(key, 120) if wording.quote else reader.label(key, 120)
+    text = f'{source}: ' + template.format(key=name, **shapes)
+    return text + (f'; check {hint(key, kind)}' if hint else '')
+
+  return ([render(key, 'shape', wording.shape) for key in actual
+           if key in expected and tuple(actual[key]) != tuple(expected[key])]
+          + [render(key, 'unexpected', wording.unexpected) for key in actual
+             if key not in expected]
+          + [render(key, 'missing', wording.missing) for key in expected if key not in actual])
+
+
+def raise_problems(problems: Sequence[str]) -> None:
+  """Raises one ConversionError listing the first few problems (and how many more)."""
+  if problems:
+    more = len(problems) - _MAX_PROBLEMS
+    raise ConversionError('; '.join(problems[:_MAX_PROBLEMS])
+                          + (f' (and {more} more)' if more > 0 else ''))
+
+
+def check_structure(actual: Mapping[str, tuple], expected: Mapping[str, tuple], source: str,
+                    wording: Wording = Wording(),
+                    hint: Optional[Callable[[str, str], str]] = None) -> None:
+  """:func:`structure_problems`, raised as one ConversionError if there are any."""
+  raise_problems(structure_problems(actual, expected, source, wording, hint))
+
+
+# ---------------------------------------------------------------------------
+# Architecture values: type and range, before anything is built.
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """The type and range an architecture value must have.
+
+  ``kind`` is int, float, str or bool (an int is also a float; a bool is neither);
+  numbers lie in ``[low, high]``; strings are one of ``choices`` when given; with
+  ``length=(min, max)`` the value is a list of such items.
+  """
+  kind: type
+  low: float = -math.inf
+  high: float = math.inf
+  choices: tuple = ()
+  length: Optional[tuple[int, int]] = None
+
+  def describe(self) -> str:
+    item = {int: 'an int', float: 'a number', str: 'a string', bool: 'a bool'}[self.kind]
+    if self.choices:
+      item = 'one of ' + ', '.join(map(repr, self.choices))
+    elif self.kind in (int, float) and (self.low > -math.inf or self.high < math.inf):
+      item += f' in [{self.low:g}, {self.high:g}]'
+    if self.length:
+      return f'a list of {self.length[0]} to {self.length[1]} items, each {item}'
+    return item
+
+  def _item_ok(self, value: Any) -> bool:
+    if isinstance(value, np.generic) and not isinstance(value, np.ndarray):
+      value = value.item()
+    if self.kind is bool:
+      return type(value) is bool
+    if self.kind is str:
+      return type(value) is str and (not self.choices or value in self.choices)
+    if type(value) is bool or not isinstance(value, (int, float)):
+      return False
+    if self.kind is int and type(value) is not int:
+      return False
+    return self.low <= value <= self.high  # False for NaN
+
+  def ok(self, value: Any) -> bool:
+    if self.length is None:
+      return self._item_ok(value)
+    return (isinstance(value, (list, tuple))
+            and self.length[0] <= len(value) <= self.length[1]
+            and all(self._item_ok(v) for v in value))
+
+
+def check_values(values: Mapping[str, Any], rules: Mapping[str, Rule], what: str,
+                 prefix: str = '') -> None:
+  """Raises ConversionError naming the first value that breaks its rule, or has none.
+
+  Args:
+    values: name -> value (from the file or the command line).
+    rules: name -> Rule; a name without a rule is refused as unsupported.
+    what: the context of the message (the file and class; empty for flags).
+    prefix: put before each name (``'--'`` for flags).
+  """
+  lead = f'{what}: ' if what else ''
+  for name, value in values.items():
+    rule = rules.get(name)
+    shown = f'{lead}{prefix}{reader.label(name)}={reader.brief(value)}'
+    if rule is None:
+      raise ConversionError(f'{shown} is not a supported option')
+    if not rule.ok(value):
+      raise ConversionError(f'{shown} is not {rule.describe()}')
+
+
+def build(make: Callable[[], Any], what: str) -> Any:
+  """Runs ``make`` (build a module from checked values and trace its shapes).
+
+  Values that pass their rules may still not fit together (a resolution that the
+  levels do not divide); that is one ConversionError, not a traceback.
+  """
+  try:
+    return make()
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConversionError(f'{what}: the architecture cannot be built ({type(e).__name__}: '
+                          f'{reader.one_line(str(e), 200)})') from None
+
+
+# ---------------------------------------------------------------------------
+# The output directory.
+
+
+def define_output_flags() -> None:
+  """``--dst`` and ``--overwrite``, the same for every converter."""
+  flags.DEFINE_string('dst', None, 'Output model directory (config.json + params/), written '
+                      'to a temporary sibling and renamed into place.')
+  flags.DEFINE_bool('overwrite', False, 'Replace an existing non-empty --dst that is not a '
+                    'converted model directory (only config.json and params/).')
+
+
+def _is_model_dir(path: str, entries: list[str]) -> bool:
+  """Only ``config.json`` (a file) and ``params/`` (a directory), no links."""
+  kinds = {checkpoints.CONFIG_NAME: os.path.isfile, checkpoints.PARAMS_NAME: os.path.isdir}
+  return all(name in kinds and not os.path.islink(os.path.join(path, name))
+             and kinds[name](os.path.join(path, name)) for name in entries)
+
+
+def _contains(parent: str, child: str) -> bool:
+  return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def check_dst(dst: Optional[str], sources: Sequence[str], overwrite: bool = False) -> str:
+  """Refuses a ``--dst`` the converter must not write or replace; returns its absolute path.
+
+  Refused: an empty value; the working directory or one of its parents (``.``, ``/``);
+  a directory that is or contains an input; a symlink (dangling or not); an existing
+  non-directory; a path below a file; a place the process cannot create files in; and,
+  unless ``overwrite``, a non-empty directory that is not a converted model directory.
+
+  Args:
+    dst: the ``--dst`` value.
+    sources: the input files.
+    overwrite: allow replacing a non-empty directory that is not a model directory.
+
+  Raises:
+    ConversionError: one line naming ``--dst`` and why.
+  """
+  if not dst or not dst.strip():
+    raise ConversionError('--dst is empty: give the output model directory')
+  shown = reader.label(dst, 200)
+  path = os.path.abspath(dst)
+  real = os.path.realpath(path)
+  if _contains(real, os.path.realpath(os.getcwd())):
+    raise ConversionError(f'--dst {shown} is the working directory or one of its parents')
+  for src in sources:
+    if src and _contains(real, os.path.realpath(src)):
+      raise ConversionError(f'--dst {shown} is or contains the input {reader.label(src, 200)}')
+  if os.path.islink(path):
+    raise ConversionError(f'--dst {shown} is a symbolic link; give a directory path')
+  if os.path.lexists(path) and not os.path.isdir(path):
+    raise ConversionError(f'--dst {shown} exists and is not a directory')
+  ancestor = os.path.dirname(path)
+  while not os.path.lexists(ancestor):
+    ancestor = os.path.dirname(ancestor)
+  if not os.path.isdir(ancestor):
+    raise ConversionError(f'--dst {shown} is below {reader.label(ancestor, 200)}, which is not '
+                          'a directory')
+  try:
+    os.rmdir(tempfile.mkdtemp(prefix='.probe-', dir=ancestor))
+  except OSError as e:
+    raise ConversionError(f'--dst {shown}: cannot create files in '
+                          f'{reader.label(ancestor, 200)} ({e.strerror})') from None
+  if os.path.isdir(path) and not overwrite:
+    entries = os.listdir(path)
+    if entries and not _is_model_dir(path, entries):
+      raise ConversionError(
+          f'--dst {shown} is a non-empty directory that is not a converted model (only '
+          f'{checkpoints.CONFIG_NAME} and {checkpoints.PARAMS_NAME}/); it holds '
+          f'{reader.listing(sorted(entries))}; pass --overwrite to replace it')
+  return path
+
+
+def write_model(dst: str, params: Any, config: dict, sources: Sequence[str],
+                overwrite: bool = False) -> None:
+  """Writes a model directory atomically, removing on error only what it wrote.
+
+  The model is saved into a temporary sibling of ``dst`` (missing parents are made
+  first), then renamed into place; a previous ``dst`` (allowed by :func:`check_dst`,
+  checked again here) is moved aside first and deleted only once the new one is in
+  place.
+  """
+  path = check_dst(dst, sources, overwrite)
+  made = []
+  parent = os.path.dirname(path)
+  while not os.path.lexists(parent):
+    made.append(parent)
+    parent = os.path.dirname(parent)
+  tmp, old = None, None
+  try:
+    for directory in reversed(made):
+      os.mkdir(directory)
+    tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(path)}.tmp-', dir=os.path.dirname(path))
+    checkpoints.save_model(os.path.join(tmp, 'model'), params, config)
+    if os.path.lexists(path):
+      old = os.path.join(tmp, 'previous')
+      os.rename(path, old)
+    os.rename(os.path.join(tmp, 'model'), path)
+  except BaseException as e:
+    if old is not None and not os.path.lexists(path):
+      os.rename(old, path)
+    if tmp is not None:
+      shutil.rmtree(tmp, ignore_errors=True)
+    for directory in made:
+      if os.path.isdir(directory):
+        os.rmdir(directory)
+    if isinstance(e, OSError):
+      raise ConversionError(f'--dst {reader.label(dst, 200)}: cannot write the model '
+                            f'({e.strerror or type(e).__name__})') from None
+    raise
+  shutil.rmtree(tmp)
+
+
+# ---------------------------------------------------------------------------
+# The CLI body.
+
+
+def nonfinite_warning(params: Any, source: str) -> Optional[str]:
+  """One line naming the tensors with NaN/Inf values, or None when all are finite.
+
+  Non-finite weights are converted as they are (the file may mean them); the line
+  makes them visible.
+  """
+  bad = [(jax.tree_util.keystr(path), int(np.size(leaf) - np.count_nonzero(np.isfinite(leaf))))
+         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+         if np.issubdtype(np.asarray(leaf).dtype, np.floating) and not np.all(np.isfinite(leaf))]
+  if not bad:
+    return None
+  return (f'warning: {source}: {sum(n for _, n in bad)} non-finite values in {len(bad)} '
+          f'tensors ({reader.listing((name for name, _ in bad), str, 3)}); converted as they are')
+
+
+def run(convert: Callable[[], tuple[Any, dict, str]], dst: Optional[str],
+        sources: Sequence[str], overwrite: bool = False) -> None:
+  """The body of every converter's ``main`` (inside ``reader.main_guard``).
+
+  Checks ``--dst`` before anything is read; ``convert()`` reads, checks and returns
+  ``(params, config, summary line)``; non-finite weights get one ``warning:`` line on
+  stderr; the model is written atomically; the summary line goes to stdout.
+
+  Raises:
+    CheckpointError: any refusal (printed by ``main_guard`` as one ``error:`` line).
+  """
+  logging.set_verbosity(logging.WARNING)  # absl INFO lines (orbax, jax) would precede ours
+  check_dst(dst, sources, overwrite)
+  params, config, line = convert()
+  warning = nonfinite_warning(params, ', '.join(sources))
+  if warning:
+    print(reader.one_line(warning), file=sys.stderr)
+  write_model(dst, params, config, sources, overwrite)
+  print(line)
