@@ -127,7 +127,7 @@ def _torch_module_class(qualified: str) -> type:
   """A ModuleRecord subclass standing in for one plain torch.nn module class (per read).
 
   Such modules are pickled as NEWOBJ (no arguments) followed by BUILD with the
-  module ``__dict__``; :class:`_Unpickler` allows exactly that.
+  module ``__dict__``; ``unpickler._Unpickler`` allows exactly that.
   """
 
   def __setstate__(self, state):
