@@ -43,49 +43,43 @@ class ConversionError(CheckpointError):
 # Structure: expected vs actual tensors.
 
 
-@dataclasses.dataclass(frozen=True)
-class Wording:
-  """How a converter words the three kinds of structure problem.
-
-  Templates get ``key``, ``actual`` and ``expected``. ``quote`` renders keys with
-  ``repr`` (else as they are when printable); ``lists`` renders shapes as ``[a, b]``.
-  """
-  missing: str = 'missing key {key} (expected shape {expected})'
-  shape: str = 'key {key} has shape {actual}, expected {expected}'
-  unexpected: str = 'unexpected key {key} with shape {actual}'
-  quote: bool = True
-  lists: bool = False
+# The one wording of the three kinds of structure problem, for every converter.
+_PROBLEMS = {
+    'shape': 'key {key} has shape {actual}, expected {expected}',
+    'unexpected': 'unexpected key {key} with shape {actual}',
+    'missing': 'missing key {key} (expected shape {expected})',
+}
 
 
 def structure_problems(actual: Mapping[str, tuple], expected: Mapping[str, tuple], source: str,
-                       wording: Wording = Wording(),
                        hint: Optional[Callable[[str, str], str]] = None) -> list[str]:
   """Compares tensor shapes by key; returns one message per difference.
+
+  Each message reads ``SOURCE: key K has shape A, expected E``, ``SOURCE: unexpected
+  key K with shape A`` or ``SOURCE: missing key K (expected shape E)``, followed by
+  ``; check SETTING`` where ``hint`` names one. Keys print as they are when printable
+  (else as a bounded repr), shapes as tuples.
 
   Args:
     actual: key -> shape found in the file (or converted from it).
     expected: key -> shape the configured architecture has.
     source: the file, prefixed to each message.
-    wording: the converter's wording.
     hint: ``hint(key, kind)`` with kind ``'missing'``, ``'shape'`` or ``'unexpected'``:
-      the setting that most probably explains it (appended as ``; check ...``).
+      the setting that most probably explains it; ``None`` where no setting is known.
 
   Returns:
     Wrong shapes and unexpected keys (in file order), then missing keys; empty when
     the structures match.
   """
-  def render(key, kind, template):
-    shapes = {k: list(v) if wording.lists else tuple(v)
-              for k, v in (('actual', actual.get(key, ())), ('expected', expected.get(key, ())))}
-    name = reader.brief(key, 120) if wording.quote else reader.label(key, 120)
-    text = f'{source}: ' + template.format(key=name, **shapes)
-    return text + (f'; check {hint(key, kind)}' if hint else '')
+  def render(key, kind):
+    text = _PROBLEMS[kind].format(key=reader.label(key, 120), actual=tuple(actual.get(key, ())),
+                                  expected=tuple(expected.get(key, ())))
+    return f'{source}: {text}' + (f'; check {hint(key, kind)}' if hint else '')
 
-  return ([render(key, 'shape', wording.shape) for key in actual
+  return ([render(key, 'shape') for key in actual
            if key in expected and tuple(actual[key]) != tuple(expected[key])]
-          + [render(key, 'unexpected', wording.unexpected) for key in actual
-             if key not in expected]
-          + [render(key, 'missing', wording.missing) for key in expected if key not in actual])
+          + [render(key, 'unexpected') for key in actual if key not in expected]
+          + [render(key, 'missing') for key in expected if key not in actual])
 
 
 def raise_problems(problems: Sequence[str]) -> None:
@@ -97,10 +91,9 @@ def raise_problems(problems: Sequence[str]) -> None:
 
 
 def check_structure(actual: Mapping[str, tuple], expected: Mapping[str, tuple], source: str,
-                    wording: Wording = Wording(),
                     hint: Optional[Callable[[str, str], str]] = None) -> None:
   """:func:`structure_problems`, raised as one ConversionError if there are any."""
-  raise_problems(structure_problems(actual, expected, source, wording, hint))
+  raise_problems(structure_problems(actual, expected, source, hint))
 
 
 # ---------------------------------------------------------------------------

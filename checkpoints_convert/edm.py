@@ -64,10 +64,6 @@ MODEL_RULES = {
     'decoder_type': Rule(str, choices=('standard', 'skip')),
     'resample_filter': Rule(float, 1e-6, 1e6, length=(1, 16)),
 }
-# Flax paths keep their '/'-joined names; no flag to name (the file carries the config).
-_WORDING = common.Wording(missing='missing {key} (expected shape {expected})',
-                          shape='{key} has shape {actual}, expected {expected}',
-                          unexpected='unexpected {key} with shape {actual}', quote=False)
 
 
 def _bare(class_name: str) -> str:
@@ -187,8 +183,11 @@ def _flat_shapes(tree) -> dict[str, tuple]:
 
 
 def check_structure(variables: dict, expected: dict[str, tuple], what: str) -> None:
-  """Raises ConversionError naming the keys whose presence or shape differs."""
-  common.check_structure(_flat_shapes(variables), expected, what, _WORDING)
+  """Raises ConversionError naming the keys whose presence or shape differs.
+
+  Keys are the '/'-joined Flax paths; no setting is named (the file carries the config).
+  """
+  common.check_structure(_flat_shapes(variables), expected, what)
 
 
 def check_computed(module, config: dict, computed: dict, net: ModuleRecord, what: str) -> None:

@@ -32,9 +32,6 @@ _IGNORED_SUFFIX = '.num_batches_tracked'
 _TORCH_LEAF = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias',
                'mean': 'running_mean', 'var': 'running_var'}
 _RULES = {'width_divisor': common.Rule(int, 1, 64)}
-_WORDING = common.Wording(shape='key {key}: expected shape {expected}, got {actual}',
-                          unexpected='unexpected key {key} (shape {actual})', quote=False,
-                          lists=True)
 
 
 def _to_torch_layout(leaf: str, shape: tuple) -> tuple:
@@ -82,7 +79,7 @@ def convert(state: Mapping[str, np.ndarray], width_divisor: int = 1,
   layout = common.build(lambda: expected_layout(width_divisor), source)
   common.check_structure(
       {k: tuple(np.shape(v)) for k, v in state.items() if not k.endswith(_IGNORED_SUFFIX)},
-      {k: shape for k, (_, shape) in layout.items()}, source, _WORDING)
+      {k: shape for k, (_, shape) in layout.items()}, source)
   variables = {}
   for key, (names, _) in layout.items():
     node = variables

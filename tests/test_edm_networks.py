@@ -157,17 +157,17 @@ def test_structure_mismatch_names_the_key():
   assert expected[key] == (3, 3, 3, 8)
   broken = jax.tree_util.tree_map(lambda a: a, variables)
   broken['params']['model']['enc_16x16_conv']['kernel'] = np.zeros((3, 3, 3, 9), np.float32)
-  with pytest.raises(edm.ConversionError, match=rf'{key} has shape \(3, 3, 3, 9\), '
+  with pytest.raises(edm.ConversionError, match=rf'key {key} has shape \(3, 3, 3, 9\), '
                                                 r'expected \(3, 3, 3, 8\)'):
     edm.check_structure(broken, expected, 'f.pkl')
   broken['params']['model']['enc_16x16_conv']['kernel'] = np.zeros((3, 3, 3, 8), np.float32)
   del broken['params']['model']['map_layer1']['bias']
-  with pytest.raises(edm.ConversionError, match='missing params/model/map_layer1/bias'):
+  with pytest.raises(edm.ConversionError, match='missing key params/model/map_layer1/bias'):
     edm.check_structure(broken, expected, 'f.pkl')
   # A config that disagrees with the tensors (a wider model) is caught as well.
   config['module']['model']['kwargs']['model_channels'] = 16
   wider = edm.expected_shapes(precond.build_precond(config['module']))
-  with pytest.raises(edm.ConversionError, match=r'f\.pkl: params/model/\S+ has shape'):
+  with pytest.raises(edm.ConversionError, match=r'f\.pkl: key params/model/\S+ has shape'):
     edm.check_structure(variables, wider, 'f.pkl')
 
 

@@ -89,8 +89,8 @@ def test_full_width_structure_matches_real_state_dict():
 def test_converter_names_wrong_shape(state):
   bad = dict(state)
   bad['Mixed_6b.branch7x7_2.conv.weight'] = np.zeros([8, 8, 7, 1], np.float32)
-  with pytest.raises(CheckpointError, match=r'Mixed_6b\.branch7x7_2\.conv\.weight: expected '
-                     r'shape \[8, 8, 1, 7\], got \[8, 8, 7, 1\]'):
+  with pytest.raises(CheckpointError, match=r'key Mixed_6b\.branch7x7_2\.conv\.weight has shape '
+                     r'\(8, 8, 7, 1\), expected \(8, 8, 1, 7\)'):
     convert_inception.convert(bad, DIV, source='bad.pth')
 
 
@@ -101,8 +101,8 @@ def test_converter_names_missing_and_unexpected_keys(state):
     convert_inception.convert(bad, DIV, source='bad.pth')
   msg = str(err.value)
   assert msg.startswith('bad.pth: ')
-  assert 'missing key Mixed_7c.branch_pool.bn.running_var (expected shape [12])' in msg
-  assert 'unexpected key AuxLogits.fc.weight (shape [1008, 768])' in msg
+  assert 'missing key Mixed_7c.branch_pool.bn.running_var (expected shape (12,))' in msg
+  assert 'unexpected key AuxLogits.fc.weight with shape (1008, 768)' in msg
 
 
 def test_converter_cli_errors(tmp_path):
@@ -113,7 +113,7 @@ def test_converter_cli_errors(tmp_path):
   assert proc.returncode == 2, proc.stderr
   last = proc.stderr.strip().splitlines()[-1]   # above it: only absl/JAX start-up logging
   assert last.startswith('error: ') and 'Traceback' not in proc.stderr
-  assert 'Conv2d_1a_3x3.conv.weight: expected shape [32, 3, 3, 3], got [2, 3, 3, 3]' in last
+  assert 'key Conv2d_1a_3x3.conv.weight has shape (2, 3, 3, 3), expected (32, 3, 3, 3)' in last
   assert not dst.exists()
   with pytest.raises(CheckpointError, match=r'nope\.pth: no such file'):
     convert_inception.convert_file(str(tmp_path / 'nope.pth'), str(dst))

@@ -314,7 +314,7 @@ def test_inception_escapes_injected_names(tmp_path, cli_baseline):
   src.write_bytes(hc.state_dict_with_key('fc.weight\n\x1b[2Jerror: all good'))
   before = snapshot(tmp_path)
   run = run_cli('inception', '--src', src, '--dst', tmp_path / 'out')
-  line = assert_refused(run, "unexpected key 'fc.weight\\n\\x1b[2Jerror: all good' (shape [2])",
+  line = assert_refused(run, "unexpected key 'fc.weight\\n\\x1b[2Jerror: all good' with shape (2,)",
                         cli_baseline, CLI_MARGIN_MIB)
   assert '\x1b' not in run.stderr and line.count('error:') == 2  # the injected text, escaped
   assert snapshot(tmp_path) == before
