@@ -95,9 +95,9 @@ def tree_difference(expected: Any, actual: Any) -> Optional[str]:
   want, have = flat(expected), flat(actual)
   for key in sorted(set(want) | set(have)):
     if key not in have:
-      return f'missing {key} (expected shape {want[key]})'
+      return f'missing key {key} (expected shape {want[key]})'
     if key not in want:
-      return f'unexpected {key} (shape {have[key]})'
+      return f'unexpected key {key} with shape {have[key]}'
     if want[key] != have[key]:
-      return f'{key} has shape {have[key]}, expected {want[key]}'
+      return f'key {key} has shape {have[key]}, expected {want[key]}'
   return None

@@ -108,9 +108,9 @@ def test_load_model_checks_family_and_shapes(tmp_path):
   with pytest.raises(ValueError, match=r"family is 'toy', expected 'edm' or 'other'"):
     checkpoints.load_model(str(tmp_path / 'm'), ('edm', 'other'))
   wider = lambda config: {'dense': {'kernel': np.zeros((3, 5)), 'bias': np.zeros(4)}}
-  with pytest.raises(ValueError, match=r"\['dense'\]\['kernel'\] has shape \(3, 4\), expected "
+  with pytest.raises(ValueError, match=r"key \['dense'\]\['kernel'\] has shape \(3, 4\), expected "
                                        r"\(3, 5\)"):
     checkpoints.load_model(str(tmp_path / 'm'), 'toy', wider)
   more = lambda config: dict(params, extra={'w': np.zeros(2)})
-  with pytest.raises(ValueError, match=r"missing \['extra'\]\['w'\] \(expected shape \(2,\)\)"):
+  with pytest.raises(ValueError, match=r"missing key \['extra'\]\['w'\] \(expected shape \(2,\)\)"):
     checkpoints.load_model(str(tmp_path / 'm'), 'toy', more)
