@@ -63,6 +63,7 @@ SETTINGS = {
     'edm ancestral': ('edm', ANCESTRAL),
     'dg w1=2 (default)': ('dg', {}),
     'dg w1=4': ('dg', dict(dg_weight_1st_order=4.0)),
+    'dg w1=8': ('dg', dict(dg_weight_1st_order=8.0)),
     'diffrs p=0.75 (default)': ('diffrs', dict(rej_percentile=0.75)),
     'diffrs p=0.9': ('diffrs', dict(rej_percentile=0.9)),
     'isir churn N=4 K=1': ('isir_stochastic', dict(num_candidates=4, num_iterations=1)),
