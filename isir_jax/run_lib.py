@@ -124,7 +124,7 @@ def _generate(sampler: sampling.Sampler, workdir: str, todo: list[int], sizes: l
     try:
       images, stats, labels = sampler.draw(start, sizes[k])
     except RunError as e:
-      raise RunError(f'shard {k}: {e}') from None
+      raise RunError(f'shard {k}: {e}; shard not saved') from None
     elapsed = time.time() - t0
     if main:
       io.write_shard(workdir, k, io.to_uint8(images), labels)

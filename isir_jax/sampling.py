@@ -224,7 +224,7 @@ def check_samples(start: int, images: np.ndarray, stats: dict) -> None:
     if mask.any():
       bad = (start + np.flatnonzero(mask)).tolist()
       raise RunError(f'{len(bad)} {what} samples at global indices '
-                     f'{bad[:20]}{" ..." if len(bad) > 20 else ""}; nothing saved')
+                     f'{bad[:20]}{" ..." if len(bad) > 20 else ""}')
 
 
 class Sampler:
