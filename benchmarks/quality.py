@@ -71,6 +71,8 @@ SETTINGS = {
     'isir ancestral N=8 K=1': ('isir_ancestral', dict(num_candidates=8, num_iterations=1)),
     'isir ancestral N=8 K=2': ('isir_ancestral', dict(num_candidates=8, num_iterations=2)),
     'isir ancestral N=16 K=1': ('isir_ancestral', dict(num_candidates=16, num_iterations=1)),
+    'isir dpm2m N=8 K=1': ('isir_ancestral', dict(proposal='dpmpp_2m_sde', num_candidates=8,
+                                                  num_iterations=1)),
 }
 # The sweep of each testbed, chosen to fit about an hour on an idle 2-core CPU at 1,000
 # samples x 5 seeds. Left out for time: DG w1=1, DiffRS p=0.5, churned ISIR with N=8
