@@ -117,10 +117,12 @@ def run_method(config: ml_collections.ConfigDict, method: str, models, net, refe
 def format_table(rows: list[Result], data_row: Result, num_samples: int) -> str:
   """The demo's table as aligned text."""
   show_fd = not np.isnan(data_row.fd)
-  head = f'{"method":<18} {"class-freq error":>17}' + (f' {"FD-digits":>9}' if show_fd else '')
+  head = (f'{"method":<18} {"class-freq error":>17} {"classes 0-4":>11}' +
+          (f' {"FD-digits":>9}' if show_fd else ''))
   lines = [head + f' {"sample s":>8} {"compile s":>9}  cost per sample, stats']
   for r in [data_row] + rows:
-    line = f'{r.method:<18} {r.class_error:>8.3f} ± {r.class_error_se:.3f}'
+    line = (f'{r.method:<18} {r.class_error:>8.3f} ± {r.class_error_se:.3f} '
+            f'{np.mean(r.classes < 5):>11.0%}')
     if show_fd:
       line += f' {r.fd:>9.2f}'
     line += (f' {r.sample_s:>8.1f} {r.compile_s:>9.1f}  {sampling.format_stats(r.stats)}'
@@ -128,7 +130,8 @@ def format_table(rows: list[Result], data_row: Result, num_samples: int) -> str:
     lines.append(line)
   lines.append(f'{num_samples} samples per method (same keys); class-frequency error = total '
                'variation between predicted class histogram and the real digits\' (± bootstrap '
-               'SE); classes by the clean-digit classifier.')
+               'SE); classes 0-4 = share of digits predicted 0-4 (classes by the clean-digit '
+               'classifier).')
   if not show_fd:
     lines.append('FD-digits is left out: at this sample count its bias and noise exceed the '
                  'differences between methods (python -m benchmarks.quality measures it).')
