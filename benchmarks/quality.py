@@ -167,6 +167,7 @@ def summarise(runs: dict, testbed: str, labels: list[str], costs: cost.NetworkCo
     for key in ('nfe', 'disc_evals', 'disc_grads'):
       row[key] = float(np.mean([r['stats'].get(key, np.nan) for r in rs.values()]))
     row['gflop'] = cost.gflop_per_sample(row, costs)
+    row['gflop_cifar10'] = cost.gflop_per_sample(row, cost.cifar10_costs())
     row['seconds'] = float(np.mean([r['seconds'] for r in rs.values()]))
     row['extra'] = ', '.join(f'{k} {np.mean([r["stats"][k] for r in rs.values()]):.2f}'
                              for k in ('ess', 'accept_rate') if k in next(iter(rs.values()))['stats'])
@@ -190,18 +191,20 @@ def markdown(tables: dict, args: dict, notes: dict) -> str:
            'Differences are paired with EDM on the same seed: mean [95% t-interval] and the '
            'verdict (lower is better; "not significant" when the interval contains 0). Cost per '
            'sample: denoiser evaluations (NFE), discriminator forward evaluations and gradients, '
-           'and GFLOP at the digits network sizes (XLA cost analysis, `benchmarks.cost`). '
+           'and GFLOP at the digits network sizes and, for the same counts, at the CIFAR-10 '
+           'sizes (XLA cost analysis, `benchmarks.cost`). '
            f'Seconds: sampling wall time per run on {args["machine"]}, shared with other work.', '']
   for testbed, rows in tables.items():
     lines += [f'## {testbed}', '', notes.get(testbed, ''), '',
               '| setting | class-freq error | vs EDM | FD-digits | vs EDM | NFE | disc fwd | '
-              'disc grad | GFLOP/sample | s/run | seeds | notes |',
-              '|---|---|---|---|---|---|---|---|---|---|---|---|']
+              'disc grad | GFLOP/sample | at CIFAR-10 sizes | s/run | seeds | notes |',
+              '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
       lines.append(
           f'| {r["label"]} | {r["class_error"]:.3f} | {_fmt_diff(r, "class_error", 3)} | '
           f'{r["fd"]:.2f} | {_fmt_diff(r, "fd", 2)} | {r["nfe"]:.1f} | {r["disc_evals"]:.1f} | '
-          f'{r["disc_grads"]:.1f} | {r["gflop"]:.3f} | {r["seconds"]:.1f} | {r["seeds"]} | '
+          f'{r["disc_grads"]:.1f} | {r["gflop"]:.3f} | {r["gflop_cifar10"]:.0f} | '
+          f'{r["seconds"]:.1f} | {r["seeds"]} | '
           f'{r["extra"]} |')
     lines.append('')
   return '\n'.join(lines)
