@@ -73,6 +73,10 @@ SETTINGS = {
     'isir ancestral N=16 K=1': ('isir_ancestral', dict(num_candidates=16, num_iterations=1)),
     'isir dpm2m N=8 K=1': ('isir_ancestral', dict(proposal='dpmpp_2m_sde', num_candidates=8,
                                                   num_iterations=1)),
+    # Tempered weights exp(scale * d) for under-confident discriminators.
+    'isir churn N=4 K=1 scale=4': ('isir_scaled', {}),
+    'isir ancestral N=8 K=1 scale=4': ('isir_ancestral', dict(num_candidates=8, num_iterations=1,
+                                                              weight_scale=4.0)),
 }
 # The sweep of each testbed, chosen to fit about an hour on an idle 2-core CPU at 1,000
 # samples x 5 seeds. Left out for time: DG w1=1, DiffRS p=0.5, churned ISIR with N=8
@@ -81,7 +85,8 @@ SETTINGS = {
 SWEEPS = {
     'skew': tuple(SETTINGS),
     'natural': ('edm', 'edm churn', 'edm ancestral', 'dg w1=2 (default)',
-                'diffrs p=0.75 (default)', 'isir churn N=4 K=1', 'isir ancestral N=8 K=1'),
+                'diffrs p=0.75 (default)', 'isir churn N=4 K=1', 'isir ancestral N=8 K=1',
+                'isir churn N=4 K=1 scale=4'),
 }
 TINY_SETTINGS = ('edm', 'dg w1=2 (default)', 'isir churn N=4 K=1')
 # Paired against this setting on the same seed.

@@ -83,6 +83,9 @@ def sampler_config(method: str) -> ml_collections.ConfigDict:
     s.num_candidates = 5          # N: i-SIR candidates per iteration
     s.num_iterations = 5          # K: i-SIR iterations per step
     s.initial_only = True         # i-SIR on the initial latent x_T only, plain steps after
+    # Weights exp(weight_scale * d): 1 is the i-SIR target; > 1 sharpens the correction of
+    # an under-confident discriminator (as DG's w does), < 1 softens it.
+    s.weight_scale = 1.0
     # Proposals per network call, in equal pieces, to bound memory (None: all
     # N + (K-1)(N-1) proposals of a step at once). Memory grows with batch x chunk;
     # 7 divides this default's 21 proposals and the 7 of isir_stochastic.

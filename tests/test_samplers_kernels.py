@@ -141,6 +141,21 @@ def test_isir_with_ancestral_proposals_halves_the_error():
   np.testing.assert_array_equal(stats['nfe'], 12)
 
 
+def test_weight_scale_tempers_the_correction():
+  """Weights exp(scale * d): scale 1 is the default bit for bit; a larger scale moves the
+  model's 0.5/0.5 mixture further towards, then past, the true 0.2/0.8 weights."""
+  keys = sample_keys(6, 2000)
+  run = lambda **kw: sampler('isir', num_steps=12, proposal='ancestral', num_candidates=8,
+                             **kw)(keys)[0]
+  default = run()
+  np.testing.assert_array_equal(run(weight_scale=1.0), default)
+  first = [TB.weights(x)[0] for x in (run(weight_scale=0.25), default, run(weight_scale=4.0))]
+  assert first[0] > first[1] > first[2], first
+  assert first[2] < TB.true.weights[0] < 0.5, first   # over-corrected past the truth
+  with pytest.raises(ValueError, match='weight_scale must be > 0, got 0'):
+    sampler('isir', num_steps=12, proposal='ancestral', num_candidates=8, weight_scale=0.0)
+
+
 def test_second_order_coefficients():
   """b integrates the linear extrapolation of x0 exactly: at eta = 1, against quadrature."""
   step = edm.StepSettings(num_steps=5, proposal='dpmpp_2m_sde')

@@ -98,6 +98,7 @@ class ISIRSettings:
   num_iterations: IntOrSteps = 1
   candidate_chunk: Optional[int] = None      # candidates per call (None: all at once)
   initial_only: bool = False                 # i-SIR on the initial latent only
+  weight_scale: float = 1.0                  # weights exp(scale * d): > 1 sharpens a weak d
 
   def per_step(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-step (N_i, K_i) int arrays [num_steps]; (1, 1) everywhere if `initial_only`."""
@@ -132,6 +133,8 @@ def _parse(settings: dict) -> tuple[edm.StepSettings, ISIRSettings]:
         f'{cfg.num_candidates} candidates of a reverse step would all be the same point and '
         'only the initial-latent stage would act. Use a stochastic proposal, or '
         'initial_only=True to run the initial-latent selection alone.')
+  if cfg.weight_scale <= 0:
+    raise ValueError(f'isir: weight_scale must be > 0, got {cfg.weight_scale}')
   if cfg.candidate_chunk is not None and cfg.candidate_chunk < 1:
     raise ValueError(f'isir: candidate_chunk must be >= 1 or None, got {cfg.candidate_chunk}')
   return step, cfg
@@ -262,7 +265,8 @@ def isir_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Arr
   n_steps, k_steps = cfg.per_step(step.num_steps)
   n0, k0 = cfg.initial()
   return _isir(denoiser, discriminator, keys, class_labels, latents, shape, step,
-               cfg.candidate_chunk, n_steps, k_steps, n0, k0, int(n_steps.max()), n0)
+               cfg.candidate_chunk, n_steps, k_steps, n0, k0, int(n_steps.max()), n0,
+               cfg.weight_scale)
 
 
 def isir_sample_schedule(denoiser, discriminator, keys: Array, num_candidates: Array,
@@ -290,11 +294,11 @@ def isir_sample_schedule(denoiser, discriminator, keys: Array, num_candidates: A
   k_steps = jnp.broadcast_to(jnp.asarray(num_iterations, jnp.int32), (step.num_steps,))
   return _isir(denoiser, discriminator, keys, class_labels, latents, shape, step,
                cfg.candidate_chunk, n_steps, k_steps, jnp.max(n_steps), jnp.max(k_steps),
-               max_candidates, max_candidates)
+               max_candidates, max_candidates, cfg.weight_scale)
 
 
 def _isir(denoiser, discriminator, keys, class_labels, latents, shape, step, chunk, n_steps,
-          k_steps, n0, k0, n_max: int, n0_max: int):
+          k_steps, n0, k0, n_max: int, n0_max: int, weight_scale: float):
   """The sampler with per-step N, K [n] and initial n0, k0 (static or traced) and static
   candidate batch sizes ``n_max`` (steps) and ``n0_max`` (initial stage)."""
   t = step.sigmas(denoiser)
@@ -315,7 +319,7 @@ def _isir(denoiser, discriminator, keys, class_labels, latents, shape, step, chu
     labels = None if class_labels is None else jnp.repeat(class_labels, count, axis=0)
     lw = discriminator.log_ratio(x.reshape((batch * count,) + x.shape[2:]),
                                  edm.full_rows(sigma, batch * count), labels)
-    return lw.reshape(batch, count)
+    return weight_scale * lw.reshape(batch, count)
 
   # Initial stage: i-SIR among sigma_max * eps weighted by exp(d(x, t_0)).
   def propose_latent(ids):
