@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from isir_jax import samplers, testbed
-from isir_jax.samplers import edm, isir, schedule
+from isir_jax.samplers import churn, edm, isir, schedule
 
 TB = testbed.make_testbed('gmm2')
 # 18 Heun steps with the largest churn: the stochastic proposal the method needs.
@@ -157,7 +157,7 @@ def test_candidates_are_distinct_and_start_from_the_same_state():
     # One churned Heun step from (x_3, t_3) with candidate j's own noise.
     eps = schedule.candidates_normal(jax.vmap(lambda k: schedule.step_key(k, 3))(keys),
                                      j[None], TB.shape)[:, 0]
-    return edm.edm_step(TB.model_denoiser, x, jnp.full([2], t[3]), jnp.full([2], t[4]), eps,
+    return churn.edm_step(TB.model_denoiser, x, jnp.full([2], t[3]), jnp.full([2], t[4]), eps,
                         gamma=step.gamma(jnp.full([2], t[3])))[0]
 
   for j in range(8):
