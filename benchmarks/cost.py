@@ -26,6 +26,7 @@ from typing import Callable, Union
 import jax
 import jax.numpy as jnp
 
+from benchmarks import speed
 from configs import digits
 from isir_jax import load_denoiser, load_discriminator
 
@@ -85,7 +86,6 @@ def cifar10_costs(refresh: bool = False) -> NetworkCosts:
   if not refresh and os.path.exists(CACHE):
     with open(CACHE) as f:
       return NetworkCosts(**json.load(f)['cifar10'])
-  from benchmarks import speed  # pylint: disable=g-import-not-at-top  (absl flags, big nets)
   models = speed.Models(tiny=False, seed=0)
   costs = measure(models.denoiser(), models.discriminator(), (32, 32, 3))
   os.makedirs(os.path.dirname(CACHE), exist_ok=True)

@@ -6,10 +6,9 @@ noisy images, so ``exp(d)`` estimates ``p_data,sigma(x) / p_model,sigma(x)`` (Ki
 trained in the VP-SDE parametrisation (Song et al. 2021), so an EDM state ``x`` at noise
 ``sigma`` is mapped to VP time ``tau`` and input ``mean(tau) * x`` first.
 
-Differences from the reference (``classifier_lib.get_grad_log_ratio``), on purpose:
-the reference switches guidance off for the *whole batch* as soon as one sample's
-``tau`` is outside ``[time_min, time_max]`` (and then reports a log ratio of 1e7); here
-the window is applied per sample and the log ratio is always the network's.
+The guidance window ``[time_min, time_max]`` of DG is not applied here: the DG sampler
+applies it, per sample (`isir_jax.samplers.dg.windowed_guidance`); the log ratio is always
+the network's.
 """
 
 import dataclasses
@@ -21,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from isir_jax import checkpoints
+from isir_jax.vpsde import cosine_time, vp_mean, vp_time
 from isir_jax.networks.adm_encoder import EncoderUNetModel
 
 Array = jax.Array
@@ -28,37 +28,6 @@ Array = jax.Array
 FAMILY = 'dg_discriminator'
 CLASSIFIER_FAMILY = 'adm_classifier'   # the ADM noisy classifier alone (encoder kwargs + params)
 TIME_MAPS = ('linear', 'cosine')
-
-# VP-SDE linear schedule beta(t) = b0 + t (b1 - b0) (Song et al. 2021) and iDDPM cosine offset.
-BETA_MIN = 0.1
-BETA_MAX = 20.
-COSINE_S = 0.008
-
-
-def vp_time(sigma: Array) -> Array:
-  """VP time ``tau`` whose marginal has the EDM noise level ``sigma``.
-
-  Solves ``sigma^2 = exp(0.5 (b1-b0) tau^2 + b0 tau) - 1`` for ``tau``.
-  """
-  b0, db = BETA_MIN, BETA_MAX - BETA_MIN
-  return (-b0 + jnp.sqrt(b0 ** 2 + 2. * db * jnp.log1p(sigma ** 2))) / db
-
-
-def vp_mean(tau: Array) -> Array:
-  """VP marginal mean coefficient ``sqrt(alpha_bar(tau))`` (= 1/sqrt(1+sigma^2))."""
-  return jnp.exp(-0.25 * tau ** 2 * (BETA_MAX - BETA_MIN) - 0.5 * tau * BETA_MIN)
-
-
-def cosine_time(tau: Array) -> Array:
-  """Time of the cosine schedule (Nichol & Dhariwal 2021) with the same ``alpha_bar``.
-
-  ADM's 64x64 classifier was trained on the cosine schedule:
-  ``sqrt(alpha_bar(t)) = cos((t+s)/(1+s) pi/2) / sqrt(f0)``, ``f0 = cos(s/(1+s) pi/2)^2``.
-  """
-  sqrt_f0 = math.cos(COSINE_S / (1. + COSINE_S) * math.pi / 2.)
-  angle = jnp.arccos(sqrt_f0 * vp_mean(tau))
-  return (1. + COSINE_S) * 2. / math.pi * angle - COSINE_S
-
 
 def module_from_config(kwargs: dict, dtype: Any = jnp.float32) -> EncoderUNetModel:
   """Rebuilds an encoder from its JSON config (lists back to tuples)."""
@@ -175,25 +144,22 @@ class DGDiscriminator(flax.struct.PyTreeNode):
     x_vp = mean[:, None, None, None] * x.astype(jnp.float32)
     return self.to_log_ratio(self.logit(x_vp, t, class_labels))
 
-  def guidance(self, x: Array, sigma: Array, class_labels: Optional[Array] = None,
-               time_min: float = 0.01, time_max: float = 1.0) -> tuple[Array, Array]:
+  def guidance(self, x: Array, sigma: Array, class_labels: Optional[Array] = None
+               ) -> tuple[Array, Array]:
     """DG correction ``g`` and the log ratio, from one backward pass.
 
     ``g = -(sigma^2 * mean) * grad_{mean x} d = -sigma^2 * grad_x d``; samplers add
-    ``w * g / sigma`` to the ODE direction. ``g`` is zero for the samples whose VP time
-    is outside ``[time_min, time_max]`` (per sample; the reference gates the batch).
+    ``w * g / sigma`` to the ODE direction (inside DG's time window, which they apply).
 
     Args:
       x: [B, H, W, C] unnormalised state on the EDM scale.
       sigma: EDM noise level, scalar or [B].
       class_labels: [B, label_dim] one-hot, for a conditional head.
-      time_min: smallest VP time with guidance.
-      time_max: largest VP time with guidance.
 
     Returns:
       ``(g, log_ratio)``: g like ``x`` (float32), log_ratio [B].
     """
-    sigma, tau, mean, t = self._vp_input(x, sigma)
+    sigma, _, mean, t = self._vp_input(x, sigma)
     x_vp = mean[:, None, None, None] * x.astype(jnp.float32)
 
     def total(v):
@@ -201,9 +167,7 @@ class DGDiscriminator(flax.struct.PyTreeNode):
       return d.sum(), d  # samples are independent: grad of the sum is per-sample.
 
     (_, d), grad = jax.value_and_grad(total, has_aux=True)(x_vp)
-    inside = (tau >= time_min) & (tau <= time_max)
-    coef = jnp.where(inside, -(sigma ** 2) * mean, 0.)
-    return coef[:, None, None, None] * grad, d
+    return (-(sigma ** 2) * mean)[:, None, None, None] * grad, d
 
 
 def load_discriminator(directory: str, dtype: Any = jnp.float32) -> DGDiscriminator:

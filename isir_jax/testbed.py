@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from isir_jax.samplers import schedule
 
 Array = jax.Array
 
@@ -90,16 +89,13 @@ class MixtureDiscriminator:
     xf, s = _flat(x, sigma)
     return self.true.log_prob(xf, s) - self.model.log_prob(xf, s)
 
-  def guidance(self, x: Array, sigma: Array, class_labels: Optional[Array] = None,
-               time_min: float = 0.01, time_max: float = 1.0) -> tuple[Array, Array]:
-    """DG term ``-sigma^2 grad_x log_ratio`` (zero per sample outside the VP window) and log ratio."""
+  def guidance(self, x: Array, sigma: Array, class_labels: Optional[Array] = None
+               ) -> tuple[Array, Array]:
+    """DG term ``-sigma^2 grad_x log_ratio`` and the log ratio."""
     sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (x.shape[0],))
-    lr, vjp = jax.vjp(lambda y: self.log_ratio(y, sigma, class_labels), x)
-    (grad,) = vjp(jnp.ones_like(lr))
-    rows = (-1,) + (1,) * (x.ndim - 1)
-    g = -(sigma ** 2).reshape(rows) * grad
-    inside = schedule.in_guidance_window(sigma, time_min, time_max)
-    return jnp.where(inside.reshape(rows), g, 0.0), lr
+    log_r, vjp = jax.vjp(lambda y: self.log_ratio(y, sigma, class_labels), x)
+    (grad,) = vjp(jnp.ones_like(log_r))
+    return -(sigma ** 2).reshape((-1,) + (1,) * (x.ndim - 1)) * grad, log_r
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

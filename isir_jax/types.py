@@ -35,11 +35,11 @@ class Discriminator(Protocol):
                 class_labels: Optional[Array] = None) -> Array:
     """Returns the log density ratio [B] of ``x`` [B, H, W, C] at noise ``sigma`` [B]."""
 
-  def guidance(self, x: Array, sigma: Array, class_labels: Optional[Array] = None,
-               time_min: float = 0.01, time_max: float = 1.0) -> tuple[Array, Array]:
+  def guidance(self, x: Array, sigma: Array, class_labels: Optional[Array] = None
+               ) -> tuple[Array, Array]:
     """Returns the DG correction ``g`` (shape of ``x``) and the log ratio [B].
 
-    ``g = -sigma^2 * grad_x log_ratio`` (DG's ``-(sigma^2 * mean) * grad_{mean x}``),
-    zero for samples whose VP time is outside [time_min, time_max]; samplers add
-    ``w * g / sigma`` to the ODE direction ``(x - D(x)) / sigma``.
+    ``g = -sigma^2 * grad_x log_ratio`` (DG's ``-(sigma^2 * mean) * grad_{mean x}``);
+    samplers add ``w * g / sigma`` to the ODE direction ``(x - D(x)) / sigma`` where DG's
+    time window holds (the DG sampler applies it, `isir_jax.vpsde.in_window`).
     """

@@ -18,7 +18,8 @@ import pytest
 
 from checkpoints_convert import dg as convert_dg
 from checkpoints_convert.reader import read_state_dict
-from isir_jax import discriminator as dg
+from isir_jax import discriminator, vpsde
+from isir_jax.samplers import dg
 from isir_jax.train import trainers
 
 DATA = os.path.join(os.path.dirname(__file__), 'data', 'dg')
@@ -48,7 +49,8 @@ def _discriminator(states, arch_flags, head, time_map):
   classifier, heads = states
   arch = convert_dg.Arch(**arch_flags, cond=head == 'cond', time_map=time_map)
   params, config = convert_dg.convert(classifier, heads[head], arch)
-  return dg.DGDiscriminator.from_config(jax.tree_util.tree_map(jnp.asarray, params), config)
+  return discriminator.DGDiscriminator.from_config(
+      jax.tree_util.tree_map(jnp.asarray, params), config)
 
 
 def _assert_log_ratio(got, ref):
@@ -62,24 +64,24 @@ def _assert_guidance(got, ref):
 
 @pytest.fixture(scope='module')
 def uncond_guidance(states, arch_flags):
-  """Jitted guidance of the unconditional head, linear VP time; time window traced."""
+  """Jitted guidance of the unconditional head, linear VP time, in DG's time window (traced)."""
   d = _discriminator(states, arch_flags, 'uncond', 'linear')
-  return jax.jit(lambda x, s, lo, hi: d.guidance(x, s, None, lo, hi))
+  return jax.jit(lambda x, s, lo, hi: dg.windowed_guidance(d, x, s, None, lo, hi)[:2])
 
 
 def test_vp_time_map():
   sigma = jnp.array([0.002, 0.05, 1., 80.])
-  tau = dg.vp_time(sigma)
+  tau = vpsde.vp_time(sigma)
   # tau inverts sigma^2 = exp(0.5 (b1-b0) tau^2 + b0 tau) - 1, and mean = 1/sqrt(1+sigma^2).
-  log1p_s2 = 0.5 * (dg.BETA_MAX - dg.BETA_MIN) * tau ** 2 + dg.BETA_MIN * tau
+  log1p_s2 = 0.5 * (vpsde.BETA_MAX - vpsde.BETA_MIN) * tau ** 2 + vpsde.BETA_MIN * tau
   np.testing.assert_allclose(np.expm1(log1p_s2), sigma ** 2, rtol=1e-4)
-  np.testing.assert_allclose(dg.vp_mean(tau), 1 / np.sqrt(1 + sigma ** 2), rtol=1e-5)
+  np.testing.assert_allclose(vpsde.vp_mean(tau), 1 / np.sqrt(1 + sigma ** 2), rtol=1e-5)
   # The cosine time has the same alpha_bar on the iDDPM cosine schedule, and t_cos(0) = 0.
-  s = dg.COSINE_S
-  t_cos = dg.cosine_time(tau)
+  s = vpsde.COSINE_S
+  t_cos = vpsde.cosine_time(tau)
   ratio = np.cos((t_cos + s) / (1 + s) * np.pi / 2) / np.cos(s / (1 + s) * np.pi / 2)
-  np.testing.assert_allclose(ratio, dg.vp_mean(tau), rtol=1e-4)
-  assert abs(float(dg.cosine_time(jnp.zeros(())))) < 1e-6
+  np.testing.assert_allclose(ratio, vpsde.vp_mean(tau), rtol=1e-4)
+  assert abs(float(vpsde.cosine_time(jnp.zeros(())))) < 1e-6
 
 
 def test_uncond_guidance_and_log_ratio_match_reference(uncond_guidance, golden):
@@ -91,7 +93,7 @@ def test_uncond_guidance_and_log_ratio_match_reference(uncond_guidance, golden):
 
 def test_time_window_is_per_sample(uncond_guidance, golden):
   x, sigma, ref = golden['x'], golden['sigma'], golden['uncond_32_guidance']
-  tau = np.asarray(dg.vp_time(jnp.asarray(sigma)))
+  tau = np.asarray(vpsde.vp_time(jnp.asarray(sigma)))
   lo, hi = 0.05, 0.5
   inside = (tau >= lo) & (tau <= hi)
   assert inside.any() and not inside.all()
@@ -186,7 +188,7 @@ def test_cli_converts_and_loads(tmp_path, arch_flags, states):
   res = _cli(arch_flags, dst, cond=True)
   assert res.returncode == 0, res.stderr
   assert res.stdout.startswith('converted ') and res.stdout.count('\n') == 1
-  d = dg.load_discriminator(dst)
+  d = discriminator.load_discriminator(dst)
   want = _discriminator(states, arch_flags, 'cond', None)
   assert d.to_config() == want.to_config() and d.head == want.head and d.encoder == want.encoder
   with open(os.path.join(dst, 'config.json')) as f:
@@ -204,7 +206,7 @@ def test_cli_converts_the_classifier_alone(tmp_path, arch_flags, states):
   assert 'classifier only' in res.stdout and res.stdout.count('\n') == 1
   kwargs, params = trainers.load_classifier(dst)
   want = _discriminator(states, arch_flags, 'uncond', None)
-  assert dg.module_from_config(kwargs) == want.encoder
+  assert discriminator.module_from_config(kwargs) == want.encoder
   jax.tree_util.tree_map(np.testing.assert_array_equal, params, want.params['encoder'])
 
 

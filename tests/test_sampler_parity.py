@@ -22,7 +22,8 @@ from checkpoints_convert.reader import read_state_dict
 from isir_jax import checkpoints
 from isir_jax import samplers
 from isir_jax.denoiser import load_denoiser
-from isir_jax.discriminator import load_discriminator, vp_time
+from isir_jax.discriminator import load_discriminator
+from isir_jax.vpsde import vp_time
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
 RTOL = 1e-3  # Of max|ref|: float32 here against the reference's float64 state.

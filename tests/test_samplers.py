@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from isir_jax import samplers, testbed
-from isir_jax.samplers import edm, schedule
+from isir_jax import vpsde
+from isir_jax.samplers import churn, dg, edm, schedule
 
 TB = testbed.make_testbed('gmm2')
 TRUE_W, MODEL_W = TB.true.weights, TB.model.weights
@@ -68,7 +69,7 @@ def test_guidance_is_gated_per_sample():
 
   @jax.jit
   def compute(x, sigma):
-    g, lr = TB.discriminator.guidance(x, sigma)
+    g, lr, _ = dg.windowed_guidance(TB.discriminator, x, sigma, None, 0.01, 1.0)
     # g / sigma turns the model's ODE direction into the true one (exact ratio).
     d_model = (x - TB.model_denoiser(x, sigma)) / sigma[:, None, None, None]
     d_true = (x - TB.true_denoiser(x, sigma)) / sigma[:, None, None, None]
@@ -161,10 +162,11 @@ def test_edm_step_heun_mask_matches_static():
 
   @jax.jit
   def compute(x):
-    step = lambda s, heun: edm.edm_step(TB.model_denoiser, x[s], t_cur[s], t_next[s], None,
-                                        gamma=jnp.zeros(t_cur[s].shape), heun=heun)[0]
-    mixed = step(slice(None), t_next > 0)
-    return mixed, jnp.concatenate([step(slice(0, 2), True), step(slice(2, 3), False)])
+    args = lambda s: (TB.model_denoiser, x[s], t_cur[s], t_next[s], None)
+    mixed = churn.edm_step_rows(*args(slice(None)), gamma=jnp.zeros([3]), heun=t_next > 0)
+    static = lambda s, heun: churn.edm_step(*args(s), gamma=jnp.zeros(t_cur[s].shape),
+                                            heun=heun)[0]
+    return mixed, jnp.concatenate([static(slice(0, 2), True), static(slice(2, 3), False)])
 
   mixed, static = compute(x)
   np.testing.assert_allclose(mixed, static, rtol=1e-6)
@@ -190,9 +192,9 @@ class _LabelChecking:
     self._check(x, class_labels)
     return self.inner.log_ratio(x, sigma, class_labels)
 
-  def guidance(self, x, sigma, class_labels=None, time_min=0.01, time_max=1.0):
+  def guidance(self, x, sigma, class_labels=None):
     self._check(x, class_labels)
-    return self.inner.guidance(x, sigma, class_labels, time_min, time_max)
+    return self.inner.guidance(x, sigma, class_labels)
 
 
 @pytest.mark.parametrize('name,settings', [
@@ -225,7 +227,7 @@ def test_dg_skips_the_discriminator_when_the_batch_is_outside_the_window():
   disc = CountingGuidance(TB.discriminator)
   step = edm.StepSettings(num_steps=8)
   t = step.sigmas(TB.model_denoiser)[:-1]
-  inside = np.asarray(schedule.in_guidance_window(t, 0.01, 1.0))
+  inside = np.asarray(vpsde.in_window(t, 0.01, 1.0))
   assert 0 < inside.sum() < len(inside)  # the last steps are below tau = 0.01
   fn = jax.jit(samplers.get_sampler('dg')(TB.model_denoiser, disc, shape=TB.shape, num_steps=8))
   x, _ = fn(sample_keys(4, 16))

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from configs import cifar10, digits
-from isir_jax import samplers, testbed
-from isir_jax.samplers import edm, isir, schedule
+from isir_jax import samplers, testbed, vpsde
+from isir_jax.samplers import churn, edm, isir
 
 TB = testbed.make_testbed('gmm2')
 SHARED = ('ancestral', 'dpmpp_2m_sde')
@@ -53,9 +53,9 @@ class Counting:
     self._record(x, sigma)
     return self.inner.log_ratio(x, sigma, class_labels)
 
-  def guidance(self, x, sigma, class_labels=None, time_min=0.01, time_max=1.0):
+  def guidance(self, x, sigma, class_labels=None):
     self._record(x, sigma)
-    return self.inner.guidance(x, sigma, class_labels, time_min, time_max)
+    return self.inner.guidance(x, sigma, class_labels)
 
 
 def run_counting(name, batch, **settings):
@@ -202,7 +202,7 @@ def test_edm_and_dg_counts():
   np.testing.assert_array_equal(stats['disc_evals'], 0)
   _, stats, _, disc_calls = run_counting('dg', 4, num_steps=8, dg_weight_2nd_order=1.0)
   # Guidance at t_hat of each step and at t_next of each Heun stage, inside the window.
-  tau_ok = lambda s: bool(schedule.in_guidance_window(jnp.asarray(s), 0.01, 1.0))
+  tau_ok = lambda s: bool(vpsde.in_window(jnp.asarray(s), 0.01, 1.0))
   assert all(tau_ok(s) for _, s in disc_calls) and len(disc_calls) > 0
   np.testing.assert_array_equal(stats['disc_grads'], len(disc_calls))
   np.testing.assert_array_equal(stats['disc_evals'], 0)
@@ -283,12 +283,10 @@ class _EchoModels:
     return self._select([t.log_prob(xf, s) - m.log_prob(xf, s)
                          for t, m in zip(self.true, self.model)], class_labels)
 
-  def guidance(self, x, sigma, class_labels, time_min=0.01, time_max=1.0):
+  def guidance(self, x, sigma, class_labels):
     sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), x.shape[:1])
-    lr, vjp = jax.vjp(lambda y: self.log_ratio(y, sigma, class_labels), x)
-    g = -edm.per_row(sigma ** 2, x) * vjp(jnp.ones_like(lr))[0]
-    inside = schedule.in_guidance_window(sigma, time_min, time_max)
-    return jnp.where(edm.per_row(inside, g), g, 0.0), lr
+    log_r, vjp = jax.vjp(lambda y: self.log_ratio(y, sigma, class_labels), x)
+    return -churn.per_row(sigma ** 2, x) * vjp(jnp.ones_like(log_r))[0], log_r
 
 
 def _echo_sides(x, classes) -> np.ndarray:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import digits
-from isir_jax import discriminator as dg
+from isir_jax import discriminator, vpsde
 from isir_jax.denoiser import load_denoiser
 from isir_jax.train import digits_data
 from isir_jax.train import feature_net
@@ -50,12 +50,12 @@ def test_importance_sampled_vp_time_matches_its_density():
 def test_perturb_vp_matches_edm_sigma():
   # mean * x + std * eps at tau(sigma) is mean * (x + sigma * eps): the discriminator's input.
   sigma = jnp.array([0.1, 1.0, 10.0])
-  tau = dg.vp_time(sigma)
+  tau = vpsde.vp_time(sigma)
   x = jnp.ones((3, 2, 2, 1))
   key = jax.random.key(1)
   eps = jax.random.normal(key, x.shape)
   np.testing.assert_allclose(losses.perturb_vp(x, tau, key),
-                             dg.vp_mean(tau)[:, None, None, None] * (x + sigma[:, None, None, None] * eps),
+                             vpsde.vp_mean(tau)[:, None, None, None] * (x + sigma[:, None, None, None] * eps),
                              rtol=1e-4, atol=1e-5)
 
 
@@ -138,7 +138,7 @@ def test_classifier_then_discriminator(tiny):
   assert (report['num_real'], report['num_generated']) == (64, 64)
   assert 0 <= report['heldout_accuracy'] <= 1 and np.isfinite(report['heldout_bce'])
   assert history[-1]['heldout_bce'] == report['heldout_bce']
-  disc = dg.load_discriminator(config.train.discriminator.out)
+  disc = discriminator.load_discriminator(config.train.discriminator.out)
   x = jnp.asarray(images[:4])
   g, d = disc.guidance(x, jnp.full((4,), 0.5))
   assert d.shape == (4,) and bool(jnp.isfinite(g).all())

@@ -20,7 +20,8 @@ from typing import Callable
 from isir_jax.samplers.diffrs import (Thresholds, diffrs_sample, diffrs_sampler,
                                       estimate_thresholds)
 from isir_jax.samplers.dg import dg_sample, dg_sampler
-from isir_jax.samplers.edm import StepSettings, edm_sample, edm_sampler, edm_step
+from isir_jax.samplers.churn import edm_step
+from isir_jax.samplers.edm import StepSettings, edm_sample, edm_sampler
 from isir_jax.samplers.isir import adaptive_schedule, isir_sample, isir_sampler
 
 _REGISTRY = {

@@ -2,7 +2,8 @@
 
 The Euler direction becomes ``d + w1 g / t_hat`` and (optionally) the Heun direction
 ``d' + w2 g' / t_next``, where ``g = -sigma^2 grad_x log_ratio`` is the discriminator's
-`guidance` (zero per sample outside ``time_min <= tau(sigma) <= time_max``).
+`guidance`, applied per sample where ``time_min <= tau(sigma) <= time_max`` (`windowed_guidance`:
+the one place the window is applied).
 
 Boosting, as in the seed's ``generate.py``: each sample carries the log ratio of its most
 recent first-order guidance evaluation (``+inf`` before the first, and for samples outside
@@ -22,7 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from isir_jax.samplers import edm, schedule
+from isir_jax import vpsde
+from isir_jax.samplers import churn, edm, schedule
 
 Array = jax.Array
 
@@ -45,6 +47,33 @@ def _parse(settings: dict) -> tuple[edm.StepSettings, DGSettings]:
     raise ValueError(f"dg: guidance acts on EDM's churned step; proposal must be 'churn', got "
                      f'{step.proposal!r}')
   return step, DGSettings(**rest)
+
+
+def windowed_guidance(discriminator, x: Array, sigma: Array, class_labels: Optional[Array],
+                      time_min, time_max) -> tuple[Array, Array, Array]:
+  """The discriminator's `guidance` inside DG's time window, per sample.
+
+  Args:
+    discriminator: a `Discriminator`.
+    x: states [R, ...] at noise levels ``sigma`` [R].
+    class_labels: [R, label_dim] or None.
+    time_min, time_max: the window of VP times (`vpsde.in_window`).
+
+  Returns:
+    ``(g, log_ratio, inside)``: ``g`` exactly zero outside the window, the log ratio of
+    every row, and the window mask [R]. When the whole batch is outside, the discriminator
+    is not evaluated at all (``g`` and the log ratio are then zero).
+  """
+  inside = vpsde.in_window(sigma, time_min, time_max)
+
+  def evaluate():
+    g, log_ratio = discriminator.guidance(x, sigma, class_labels)
+    return jnp.where(churn.per_row(inside, g), g, 0.), log_ratio
+
+  g, log_ratio = lax.cond(
+      jnp.any(inside), evaluate,
+      lambda: (jnp.zeros(x.shape, jnp.float32), jnp.zeros(x.shape[:1], jnp.float32)))
+  return g, log_ratio, inside
 
 
 def dg_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Array] = None,
@@ -76,25 +105,22 @@ def dg_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Array
       return None
 
     def fn(x, sigma):
-      # Samples outside the window have no guidance and are never boosted; when the whole
-      # batch is outside, the discriminator is not evaluated at all.
-      inside = schedule.in_guidance_window(sigma, dg.time_min, dg.time_max)
-      g, log_ratio = lax.cond(
-          jnp.any(inside),
-          lambda: discriminator.guidance(x, sigma, class_labels, dg.time_min, dg.time_max),
-          lambda: (jnp.zeros(x.shape, jnp.float32), jnp.zeros(x.shape[:1], jnp.float32)))
+      # Samples outside the window have no guidance and are never boosted.
+      g, log_ratio, inside = windowed_guidance(discriminator, x, sigma, class_labels,
+                                               dg.time_min, dg.time_max)
       log_ratio = jnp.where(inside, log_ratio, jnp.inf)
       if boost_weight:
         double = (log_ratio < 0) & (i % _BOOST_WEIGHT_PERIOD == 0)
-        g = g * edm.per_row(jnp.where(double, 2.0, 1.0), g)
-      return weight * g / edm.per_row(sigma, g), (log_ratio, jnp.any(inside))
+        g = g * churn.per_row(jnp.where(double, 2.0, 1.0), g)
+      return weight * g / churn.per_row(sigma, g), (log_ratio, jnp.any(inside))
     return fn
 
   def calls(ran1, t_next, heun):
-    """Guidance calls of a step: the first order's, and the second order's in the Heun stage."""
+    """Guidance calls of a step: the first order's, and the second order's in the Heun stage
+    (counted from the window, as the Heun stage's output is only the state)."""
     count = jnp.zeros([], jnp.int32) if ran1 is None else ran1.astype(jnp.int32)
-    if dg.dg_weight_2nd_order != 0 and heun is not False:
-      inside = jnp.any(schedule.in_guidance_window(t_next, dg.time_min, dg.time_max))
+    if dg.dg_weight_2nd_order != 0 and heun is not None:
+      inside = jnp.any(vpsde.in_window(t_next, dg.time_min, dg.time_max))
       count = count + (inside & heun).astype(jnp.int32)
     return count
 
@@ -110,7 +136,7 @@ def dg_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Array
     if step.stochastic or dg.boosting:
       skeys = jax.vmap(lambda k: schedule.step_key(k, i))(keys)
       eps = schedule.candidates_normal(skeys, jnp.arange(1), shape)[:, 0]
-    x, aux = edm.edm_step(
+    x, aux = churn.edm_step_scan(
         denoiser, x, t_cur, t_next, eps, class_labels, gamma=step.gamma(t_cur, S_churn),
         S_noise=S_noise, heun=heun, guide1=guide(dg.dg_weight_1st_order, i, dg.boosting),
         guide2=guide(dg.dg_weight_2nd_order, i, False))

@@ -39,16 +39,17 @@ value when that state was not tested, e.g. with ``min_backsteps > 0``).
 """
 
 import dataclasses
+import functools
 import math
 import os
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from isir_jax.samplers import edm, schedule
+from isir_jax.samplers import churn, edm, schedule
 
 Array = jax.Array
 
@@ -82,10 +83,10 @@ def warmup_log_ratios(denoiser, discriminator, keys: Array,
   log_ratios = jnp.zeros([batch, step.num_steps + 1]).at[:, 0].set(d(x0, 0))
 
   def body(carry, i, heun):
-    state, lr = carry
+    state, log_r = carry
     draw, x0_prev = edm.proposals(denoiser, state, keys, i, t, class_labels, step, heun)
     x = draw(first)[:, 0]
-    return (x, x0_prev), lr.at[:, i + 1].set(d(x, i + 1))
+    return (x, x0_prev), log_r.at[:, i + 1].set(d(x, i + 1))
 
   return edm.run_steps(body, (edm.initial_state(x0, step), log_ratios), step)[1]
 
@@ -93,11 +94,11 @@ def warmup_log_ratios(denoiser, discriminator, keys: Array,
 def thresholds_from_log_ratios(log_ratios, rej_percentile: float) -> Thresholds:
   """Quantile thresholds from warm-up log ratios [S, n + 1] (linear interpolation, as torch),
   clipped at 0 as DiffRS does."""
-  lr = np.asarray(log_ratios, np.float64)
+  log_r = np.asarray(log_ratios, np.float64)
   if not 0.0 <= rej_percentile <= 1.0:
     raise ValueError(f'diffrs: rej_percentile must be in [0, 1], got {rej_percentile}')
-  m = np.quantile(lr, rej_percentile, axis=0)
-  m2 = np.concatenate([[0.0], np.quantile(np.diff(lr, axis=1), rej_percentile, axis=0)])
+  m = np.quantile(log_r, rej_percentile, axis=0)
+  m2 = np.concatenate([[0.0], np.quantile(np.diff(log_r, axis=1), rej_percentile, axis=0)])
   return Thresholds(np.maximum(m, 0.0).astype(np.float32), np.maximum(m2, 0.0).astype(np.float32))
 
 
@@ -155,13 +156,183 @@ class _Lanes(NamedTuple):
   x: Array           # [S, ...] state at level idx
   idx: Array         # [S] level k (state at t_k)
   test: Array        # [S] pending test: 0 none, 1 increment, 2 absolute
-  lr_prev: Array     # [S] d at the state the last step started from
+  log_r_prev: Array  # [S] d at the state the last step started from
   events: Array      # [S] loop iterations of this sample so far (its key stream)
   nfe_run: Array     # [S] denoiser evaluations since the last (re)start
   nfe: Array         # [S] all denoiser evaluations of the sample
   tests: Array       # [S] tests taken
   accepts: Array     # [S] tests accepted
   restarts: Array    # [S] max_iter restarts
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What the lane operations of one `diffrs_sample` call read: models, inputs, tables."""
+  denoiser: Any
+  discriminator: Any
+  keys: Array                     # [B] per-sample keys
+  class_labels: Optional[Array]
+  latents: Optional[Array]
+  shape: tuple
+  step: edm.StepSettings
+  cfg: DiffRSSettings
+  t: Array                        # [n + 1] noise levels
+  m_abs: Array                    # [n + 1] thresholds M_k
+  m_inc: Array                    # [n + 1] thresholds M2_k
+  step_nfe: Array                 # [n] denoiser evaluations of step k
+  remaining: Array                # [n + 1] evaluations still needed from level k
+  c_mean: Array                   # [n] shared-mean coefficients (ancestral kernel)
+  s_mean: Array
+
+  @classmethod
+  def create(cls, denoiser, discriminator, keys, class_labels, latents, shape, step, cfg, th):
+    t = step.sigmas(denoiser)
+    nfe = step.nfe_table()
+    c_mean, _, s_mean = (jnp.asarray(v) for v in step.mean_coefficients(t))
+    return cls(denoiser, discriminator, keys, class_labels, latents, tuple(shape), step, cfg,
+               t, jnp.asarray(th.log_ratio), jnp.asarray(th.increment), jnp.asarray(nfe),
+               jnp.asarray(np.cumsum(nfe[::-1])[::-1].tolist() + [0]), c_mean, s_mean)
+
+  @property
+  def n(self) -> int:
+    return self.step.num_steps
+
+  @property
+  def batch(self) -> int:
+    return self.keys.shape[0]
+
+  def test_at(self, k: Array, after_step: bool) -> Array:
+    """The pending test of lanes arriving at level k: after a step or a back-step."""
+    cfg = self.cfg
+    max_b = self.n if cfg.max_backsteps is None else cfg.max_backsteps
+    testable = (cfg.backsteps > 0) & (k > cfg.min_backsteps) & (k <= max_b)
+    if after_step:
+      return jnp.where(testable, 1, 0)
+    return jnp.where(testable | ((k == 0) & (cfg.min_backsteps == 0)), 2, 0)
+
+
+def _rows(mask: Array, x: Array) -> Array:
+  """A per-lane mask broadcast against x [S, ...]."""
+  return mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
+
+
+def _fresh(run: _Run, sample: Array) -> _Lanes:
+  """Lane state of new samples (their first prior draw); ``sample`` -1 gives idle lanes."""
+  s = jnp.clip(sample, 0, run.batch - 1)
+  x = edm.initial_candidates(run.keys[s], jnp.arange(1), run.t[0], run.shape,
+                             None if run.latents is None else run.latents[s])[:, 0]
+  zeros = jnp.zeros_like(sample)
+  return _Lanes(sample, x, zeros, run.test_at(zeros, False), jnp.zeros(sample.shape), zeros,
+                zeros, zeros, zeros, zeros, zeros)
+
+
+def _test(run: _Run, ln: _Lanes, ekeys: Array, labels: Optional[Array]
+          ) -> tuple[Array, Array]:
+  """DiffRS acceptance of every lane's current state, one discriminator call.
+
+  Returns ``(d, accept)``: the log ratio [S] and whether the pending test passed (lanes with
+  no pending test accept).
+  """
+  d = run.discriminator.log_ratio(ln.x, run.t[ln.idx], labels)
+  log_u = jnp.log(jax.vmap(lambda k: jax.random.uniform(schedule.choice_key(k, 0)))(ekeys))
+  margin = jnp.where(ln.test == 1, d - ln.log_r_prev - run.m_inc[ln.idx],
+                     d - run.m_abs[ln.idx])
+  return d, (ln.test == 0) | (log_u < margin)
+
+
+def _back_step(run: _Run, ln: _Lanes, eps: Array) -> tuple[Array, Array]:
+  """Re-noises every lane back ``backsteps`` levels (to a prior redraw at level 0).
+
+  Returns the states and levels ``(x, idx)`` of the lanes after the back-step.
+  """
+  t = run.t
+  idx = ln.idx - jnp.minimum(run.cfg.backsteps, ln.idx)
+  x = jnp.where(_rows(ln.idx == 0, ln.x), t[0] * eps,
+                ln.x + churn.per_row(jnp.sqrt(t[idx] ** 2 - t[ln.idx] ** 2), ln.x) * eps)
+  return x, idx
+
+
+def _step(run: _Run, x: Array, k: Array, eps: Array, labels: Optional[Array],
+          stepping: Array) -> Array:
+  """One step of every lane from its level k to k + 1 (the Heun stage where it steps)."""
+  step, t = run.step, run.t
+  t_cur, t_next = t[k], t[k + 1]
+  if step.shared_mean:
+    m, _ = edm.shared_mean(run.denoiser, x, None, t_cur, run.c_mean[k], None, labels)
+    return m + churn.per_row(run.s_mean[k], x) * eps if step.stochastic else m
+  args = (run.denoiser, x, t_cur, t_next, eps if step.stochastic else None, labels)
+  kwargs = dict(gamma=step.gamma(t_cur), S_noise=step.S_noise)
+  if step.heun:
+    return churn.edm_step_rows(*args, heun=(k + 1 < run.n) & stepping, **kwargs)
+  return churn.edm_step(*args, heun=False, **kwargs)[0]
+
+
+def _restart_over_budget(run: _Run, ln: _Lanes, eps: Array, done: Array) -> _Lanes:
+  """max_iter: restarts from noise the samples that could no longer finish within it."""
+  restart = (ln.sample >= 0) & ~done & (ln.nfe_run + run.remaining[ln.idx] > run.cfg.max_iter)
+  zeros = jnp.zeros_like(ln.idx)
+  return ln._replace(
+      x=jnp.where(_rows(restart, ln.x), run.t[0] * eps, ln.x),
+      idx=jnp.where(restart, 0, ln.idx), nfe_run=jnp.where(restart, 0, ln.nfe_run),
+      test=jnp.where(restart, run.test_at(zeros, False), ln.test),
+      restarts=ln.restarts + restart)
+
+
+def _emit(out: Array, out_stats: dict, ln: _Lanes, rows: Array, finished: bool
+          ) -> tuple[Array, dict]:
+  """Writes the lanes' samples and stats to output ``rows`` (``batch``: dropped)."""
+  rate = jnp.where(ln.tests > 0, ln.accepts / jnp.maximum(ln.tests, 1), 1.0)
+  new = dict(nfe=ln.nfe, disc_evals=ln.events, disc_grads=jnp.zeros_like(ln.nfe),
+             accept_rate=rate, restarts=ln.restarts,
+             finished=jnp.full(rows.shape, finished))
+  out_stats = {k: v.at[rows].set(new[k].astype(v.dtype), mode='drop')
+               for k, v in out_stats.items()}
+  return out.at[rows].set(ln.x, mode='drop'), out_stats
+
+
+def _refill(run: _Run, ln: _Lanes, done: Array, next_sample: Array) -> _Lanes:
+  """Gives the lanes of finished samples the next samples of the batch (or idles them)."""
+  new_sample = next_sample + jnp.cumsum(done) - 1
+  refill = _fresh(run, jnp.where(new_sample < run.batch, new_sample, -1))
+  return jax.tree.map(lambda a, b: jnp.where(_rows(done, a), b, a), ln, refill)
+
+
+def _iteration(run: _Run, state: tuple) -> tuple:
+  """One loop iteration: test every lane, then step, back-step or restart it; emit, refill."""
+  ln, out, out_stats, next_sample, loop = state
+  n, batch = run.n, run.batch
+  active = ln.sample >= 0
+  s = jnp.clip(ln.sample, 0, batch - 1)
+  ekeys = jax.vmap(jax.random.fold_in)(run.keys[s], ln.events)
+  labels = None if run.class_labels is None else run.class_labels[s]
+  d, accept = _test(run, ln, ekeys, labels)
+  taken = active & (ln.test > 0)
+  # This iteration's noise: candidate 0 churns the step, 1 re-noises a back-step and 2
+  # redraws a restart (one vmapped draw, so the generator is compiled once).
+  eps_step, eps_back, eps_restart = jnp.moveaxis(
+      schedule.candidates_normal(ekeys, jnp.arange(3), run.shape), 1, 0)
+  x_back, idx_back = _back_step(run, ln, eps_back)
+  done = active & accept & (ln.idx == n)
+  stepping = active & accept & (ln.idx < n)
+  rejected = active & ~accept
+  # The step (and its Heun stage) is evaluated only when some lane needs it, e.g. never at
+  # batch 1 after a rejection or when the sample is done.
+  k = jnp.minimum(ln.idx, n - 1)
+  x_step = lax.cond(jnp.any(stepping), lambda: _step(run, ln.x, k, eps_step, labels, stepping),
+                    lambda: ln.x)
+  x = jnp.where(_rows(stepping, ln.x), x_step, jnp.where(_rows(rejected, ln.x), x_back, ln.x))
+  idx = jnp.where(stepping, ln.idx + 1, jnp.where(rejected, idx_back, ln.idx))
+  test = jnp.where(stepping, run.test_at(idx, True),
+                   jnp.where(rejected, run.test_at(idx, False), ln.test))
+  nfe_add = jnp.where(stepping, run.step_nfe[k], 0)
+  ln = ln._replace(
+      x=x, idx=idx, test=test, log_r_prev=jnp.where(stepping, d, ln.log_r_prev),
+      events=ln.events + active, nfe_run=ln.nfe_run + nfe_add, nfe=ln.nfe + nfe_add,
+      tests=ln.tests + taken, accepts=ln.accepts + (taken & accept))
+  ln = _restart_over_budget(run, ln, eps_restart, done)
+  out, out_stats = _emit(out, out_stats, ln, jnp.where(done, ln.sample, batch), True)
+  ln = _refill(run, ln, done, next_sample)
+  return ln, out, out_stats, next_sample + jnp.sum(done), loop + 1
 
 
 def diffrs_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Array] = None,
@@ -184,125 +355,23 @@ def diffrs_sample(denoiser, discriminator, keys: Array, class_labels: Optional[A
     ``max_loops`` cap stopped the loop first; the stats of such a sample are those so far).
   """
   step, cfg, th = _parse(settings)
-  n = step.num_steps
-  batch = keys.shape[0]
+  run = _Run.create(denoiser, discriminator, keys, class_labels, latents, shape, step, cfg, th)
+  batch = run.batch
   lanes = min(cfg.slots or batch, batch)
-  max_b = n if cfg.max_backsteps is None else cfg.max_backsteps
-  max_loops = cfg.max_loops or 1000 * n * math.ceil(batch / lanes)
-  t = step.sigmas(denoiser)
-  m_abs, m_inc = jnp.asarray(th.log_ratio), jnp.asarray(th.increment)
-  step_nfe = jnp.asarray(step.nfe_table())
-  # Denoiser evaluations still needed from level k = 0..n.
-  remaining = jnp.asarray(np.cumsum(step.nfe_table()[::-1])[::-1].tolist() + [0])
-  c_mean, _, s_mean = (jnp.asarray(v) for v in step.mean_coefficients(t))
-  row = lambda m, x: m.reshape(m.shape + (1,) * (x.ndim - m.ndim))  # per-lane mask
-
-  def testable_after_step(k):
-    return (cfg.backsteps > 0) & (k > cfg.min_backsteps) & (k <= max_b)
-
-  def test_at(k, after_step: bool):
-    prior = (k == 0) & (cfg.min_backsteps == 0)
-    if after_step:
-      return jnp.where(testable_after_step(k), 1, 0)
-    return jnp.where(testable_after_step(k) | prior, 2, 0)
-
-  def fresh(sample):
-    """Lane state of a new sample (its first prior draw)."""
-    s = jnp.clip(sample, 0, batch - 1)
-    x = edm.initial_candidates(keys[s], jnp.arange(1), t[0], shape,
-                               None if latents is None else latents[s])[:, 0]
-    zeros = jnp.zeros_like(sample)
-    return _Lanes(sample, x, zeros, test_at(zeros, False), jnp.zeros(sample.shape), zeros,
-                  zeros, zeros, zeros, zeros, zeros)
-
-  def take_step(x, k, eps, labels, stepping):
-    """One step of every lane from its level k to k + 1 (the Heun stage where it steps)."""
-    t_cur, t_next = t[k], t[k + 1]
-    if step.shared_mean:
-      m, _ = edm.shared_mean(denoiser, x, None, t_cur, c_mean[k], None, labels)
-      return m + edm.per_row(s_mean[k], x) * eps if step.stochastic else m
-    heun = (k + 1 < n) & stepping if step.heun else False
-    return edm.edm_step(denoiser, x, t_cur, t_next, eps if step.stochastic else None, labels,
-                        gamma=step.gamma(t_cur), S_noise=step.S_noise, heun=heun)[0]
-
-  def emit(out, out_stats, ln, rows, finished: bool):
-    """Writes the lanes' samples and stats to output ``rows`` (``batch``: dropped)."""
-    rate = jnp.where(ln.tests > 0, ln.accepts / jnp.maximum(ln.tests, 1), 1.0)
-    new = dict(nfe=ln.nfe, disc_evals=ln.events, disc_grads=jnp.zeros_like(ln.nfe),
-               accept_rate=rate, restarts=ln.restarts,
-               finished=jnp.full(rows.shape, finished))
-    out_stats = {k: v.at[rows].set(new[k].astype(v.dtype), mode='drop')
-                 for k, v in out_stats.items()}
-    return out.at[rows].set(ln.x, mode='drop'), out_stats
-
-  def body(state):
-    ln, out, out_stats, next_sample, loop = state
-    active = ln.sample >= 0
-    s = jnp.clip(ln.sample, 0, batch - 1)
-    ekeys = jax.vmap(jax.random.fold_in)(keys[s], ln.events)
-    labels = None if class_labels is None else class_labels[s]
-    # Test the lane's current state (DiffRS acceptance), one discriminator call.
-    d = discriminator.log_ratio(ln.x, t[ln.idx], labels)
-    log_u = jnp.log(jax.vmap(lambda k: jax.random.uniform(schedule.choice_key(k, 0)))(ekeys))
-    margin = jnp.where(ln.test == 1, d - ln.lr_prev - m_inc[ln.idx], d - m_abs[ln.idx])
-    accept = (ln.test == 0) | (log_u < margin)
-    taken = active & (ln.test > 0)
-    # Rejected: back to the prior at level 0, else re-noise back `backsteps` levels.
-    back = jnp.minimum(cfg.backsteps, ln.idx)
-    idx_back = ln.idx - back
-    # This iteration's noise: candidate 0 churns the step, 1 re-noises a back-step and 2
-    # redraws a restart (one vmapped draw, so the generator is compiled once).
-    eps_step, eps_back, eps_restart = jnp.moveaxis(
-        schedule.candidates_normal(ekeys, jnp.arange(3), shape), 1, 0)
-    x_back = jnp.where(
-        row(ln.idx == 0, ln.x), t[0] * eps_back,
-        ln.x + edm.per_row(jnp.sqrt(t[idx_back] ** 2 - t[ln.idx] ** 2), ln.x) * eps_back)
-    done = active & accept & (ln.idx == n)
-    stepping = active & accept & (ln.idx < n)
-    rejected = active & ~accept
-    # Accepted and not finished: one EDM step from level idx to idx + 1. The step (and its
-    # Heun stage) is evaluated only when some lane needs it, e.g. never at batch 1 after a
-    # rejection or when the sample is done.
-    k = jnp.minimum(ln.idx, n - 1)
-    x_step = lax.cond(jnp.any(stepping), lambda: take_step(ln.x, k, eps_step, labels, stepping),
-                      lambda: ln.x)
-    x = jnp.where(row(stepping, ln.x), x_step, jnp.where(row(rejected, ln.x), x_back, ln.x))
-    idx = jnp.where(stepping, ln.idx + 1, jnp.where(rejected, idx_back, ln.idx))
-    test = jnp.where(stepping, test_at(idx, True), jnp.where(rejected, test_at(idx, False),
-                                                             ln.test))
-    nfe_add = jnp.where(stepping, step_nfe[k], 0)
-    ln = ln._replace(
-        x=x, idx=idx, test=test, lr_prev=jnp.where(stepping, d, ln.lr_prev),
-        events=ln.events + active, nfe_run=ln.nfe_run + nfe_add, nfe=ln.nfe + nfe_add,
-        tests=ln.tests + taken, accepts=ln.accepts + (taken & accept))
-    # max_iter: restart samples that could no longer finish within the budget.
-    restart = active & ~done & (ln.nfe_run + remaining[ln.idx] > cfg.max_iter)
-    zeros = jnp.zeros_like(ln.idx)
-    ln = ln._replace(
-        x=jnp.where(row(restart, ln.x), t[0] * eps_restart, ln.x),
-        idx=jnp.where(restart, 0, ln.idx), nfe_run=jnp.where(restart, 0, ln.nfe_run),
-        test=jnp.where(restart, test_at(zeros, False), ln.test),
-        restarts=ln.restarts + restart)
-    # Emit finished samples to their rows and refill their lanes with the next samples.
-    out, out_stats = emit(out, out_stats, ln, jnp.where(done, ln.sample, batch), True)
-    new_sample = next_sample + jnp.cumsum(done) - 1
-    new_sample = jnp.where(new_sample < batch, new_sample, -1)
-    refill = fresh(new_sample)
-    ln = jax.tree.map(lambda a, b: jnp.where(row(done, a), b, a), ln, refill)
-    return ln, out, out_stats, next_sample + jnp.sum(done), loop + 1
+  max_loops = cfg.max_loops or 1000 * run.n * math.ceil(batch / lanes)
 
   def cond(state):
     ln, _, _, _, loop = state
     return jnp.any(ln.sample >= 0) & (loop < max_loops)
 
-  ln = fresh(jnp.arange(lanes))
-  out = jnp.zeros((batch,) + tuple(shape), jnp.float32)
+  out = jnp.zeros((batch,) + run.shape, jnp.float32)
   out_stats = dict(edm.cost_stats(batch, 0), accept_rate=jnp.zeros([batch]),
                    restarts=jnp.zeros([batch], jnp.int32), finished=jnp.zeros([batch], bool))
   ln, out, out_stats, _, _ = lax.while_loop(
-      cond, body, (ln, out, out_stats, jnp.asarray(lanes), jnp.asarray(0)))
+      cond, functools.partial(_iteration, run),
+      (_fresh(run, jnp.arange(lanes)), out, out_stats, jnp.asarray(lanes), jnp.asarray(0)))
   # Samples cut off by max_loops: their current state and stats, marked unfinished.
-  return emit(out, out_stats, ln, jnp.where(ln.sample >= 0, ln.sample, batch), False)
+  return _emit(out, out_stats, ln, jnp.where(ln.sample >= 0, ln.sample, batch), False)
 
 
 def diffrs_sampler(denoiser, discriminator=None, *, shape, **settings) -> Callable:

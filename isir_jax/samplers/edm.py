@@ -3,7 +3,7 @@
 Proposal kernels (``StepSettings.proposal``), each a reverse step from ``x`` at ``t`` to
 ``t' < t``:
 
-  * ``'churn'``: `edm_step`, EDM's churned Heun/Euler step: noise is added *before* the
+  * ``'churn'``: `churn.edm_step`, EDM's churned Heun/Euler step: noise is added *before* the
     solver step, so every draw needs its own denoiser evaluations.
   * ``'ancestral'``: the DDIM(eta) step (Song et al. 2021, "Denoising Diffusion Implicit
     Models", arXiv 2010.02502, eq. 12) on EDM's sigma scale; eta = 1 is the DDPM posterior
@@ -41,21 +41,13 @@ import numpy as np
 from jax import lax
 
 from isir_jax.samplers import schedule
+from isir_jax.samplers.churn import edm_step_scan, per_row
 
 Array = jax.Array
-# guide(x, sigma) -> (correction added to the ODE direction d, auxiliary output).
-Guide = Callable[[Array, Array], tuple[Array, Any]]
 # draw(ids [c]) -> the proposals [B, c, ...] of candidates ids from every row of a state.
 Draw = Callable[[Array], Array]
 
 PROPOSALS = ('churn', 'ancestral', 'dpmpp_2m_sde')
-
-
-def per_row(v: Array, x: Array) -> Array:
-  """Broadcasts a per-row [R] (or scalar) value or mask against x [R, ...]."""
-  v = jnp.asarray(v)
-  v = v if v.dtype == bool else v.astype(x.dtype)
-  return v.reshape(v.shape + (1,) * (x.ndim - v.ndim)) if v.ndim else v
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,72 +180,6 @@ def cost_stats(batch: int, nfe, disc_evals=0, disc_grads=0) -> dict:
   return {k: jnp.broadcast_to(jnp.asarray(v, jnp.int32), (batch,)) for k, v in counts.items()}
 
 
-def churn_level(denoiser, t_cur: Array, gamma: Array) -> Array:
-  """The raised noise level ``t_hat = round_sigma(t (1 + gamma))`` of a churned step."""
-  return denoiser.round_sigma(t_cur + gamma * t_cur)
-
-
-def edm_step(denoiser, x: Array, t_cur: Array, t_next: Array, eps: Optional[Array],
-             class_labels: Optional[Array] = None, *, gamma: Array, S_noise=1.0,
-             heun=True, guide1: Optional[Guide] = None,
-             guide2: Optional[Guide] = None) -> tuple[Array, Any]:
-  """One EDM reverse step per row, from ``t_cur`` to ``t_next`` (EDM Alg. 2, lines 4-8).
-
-  Args:
-    denoiser: the `Denoiser`.
-    x: current states [R, ...].
-    t_cur, t_next: per-row noise levels [R].
-    eps: standard normal churn noise like ``x``, or None for a deterministic step.
-    class_labels: [R, label_dim] or None.
-    gamma: per-row churn factor [R] (`StepSettings.gamma`).
-    S_noise: churn noise inflation, scalar or [R].
-    heun: static bool; a traced scalar bool (the correction sits under a ``lax.cond``, so
-      the denoiser appears once per solver stage in the program); or a per-row bool [R]
-      (rows with ``t_next = 0`` must be False: their correction is computed at a dummy
-      level and discarded; skipped when every row is False).
-    guide1: DG term at ``(x_hat, t_hat)``, added to the Euler direction (EDM-G++).
-    guide2: DG term at ``(x_next, t_next)``, added to the Heun direction.
-
-  Returns:
-    ``(x_next, aux)`` with ``aux`` the auxiliary output of ``guide1`` (None without it).
-  """
-  # Churn: raise the noise level to t_hat and add the matching noise (lines 4-6).
-  t_hat = churn_level(denoiser, t_cur, gamma)
-  if eps is None:
-    x_hat = x
-  else:
-    x_hat = x + per_row(jnp.sqrt(jnp.maximum(t_hat ** 2 - t_cur ** 2, 0.0)) * S_noise, x) * eps
-  # Euler step (line 7-8).
-  d = (x_hat - denoiser(x_hat, t_hat, class_labels)) / per_row(t_hat, x)
-  aux = None
-  if guide1 is not None:
-    delta, aux = guide1(x_hat, t_hat)
-    d = d + delta
-  x_next = x_hat + per_row(t_next - t_hat, x) * d
-  if heun is False:
-    return x_next, aux
-
-  def correct(t2):
-    # Heun correction (lines 9-11).
-    d2 = (x_next - denoiser(x_next, t2, class_labels)) / per_row(t2, x)
-    if guide2 is not None:
-      d2 = d2 + guide2(x_next, t2)[0]
-    return x_hat + per_row(t_next - t_hat, x) * (0.5 * d + 0.5 * d2)
-
-  if heun is True:
-    return correct(t_next), aux
-  heun = jnp.asarray(heun)
-  if heun.ndim == 0:
-    # One flag for all rows (the step index of a scan): evaluate only the branch taken.
-    return lax.cond(heun, correct, lambda _: x_next, t_next), aux
-  # Rows without the correction get a safe dummy level and their result is discarded; no
-  # evaluation at all when no row needs it.
-  return lax.cond(
-      jnp.any(heun),
-      lambda: jnp.where(per_row(heun, x), correct(jnp.where(heun, t_next, 1.0)), x_next),
-      lambda: x_next), aux
-
-
 def shared_mean(denoiser, x: Array, x0_prev: Optional[Array], t_cur: Array, c: Array,
                 b: Array, class_labels: Optional[Array] = None) -> tuple[Array, Array]:
   """The mean of a shared-mean step (module docstring): one denoiser call for rows x [R, ...].
@@ -278,11 +204,12 @@ def run_steps(body: Callable, carry, step: StepSettings):
   """Runs ``body(carry, i, heun) -> carry`` for i = 0..n-1 as one ``lax.scan``.
 
   Steps 0..n-2 use the configured solver, the last step (to ``t_n = 0``) is Euler, so no
-  evaluation is wasted at sigma = 0. With Heun, ``heun`` is the traced flag ``i < n - 1``
-  (see `edm_step`), so every step, the last included, is traced and compiled once.
+  evaluation is wasted at sigma = 0. ``heun`` is the traced flag ``i < n - 1`` with Heun
+  and None with Euler (the ``heun`` of `churn.edm_step_scan`), so every step, the last
+  included, is traced and compiled once.
   """
   last = step.num_steps - 1
-  carry, _ = lax.scan(lambda c, i: (body(c, i, step.heun and i < last), None), carry,
+  carry, _ = lax.scan(lambda c, i: (body(c, i, (i < last) if step.heun else None), None), carry,
                       jnp.arange(step.num_steps))
   return carry
 
@@ -326,8 +253,8 @@ def propose(denoiser, x: Array, keys: Array, ids: Array, i, t: Array,
     eps = step_noise(keys, ids, i, shape).reshape((rows,) + shape)
   labels = None if class_labels is None else jnp.repeat(class_labels, count, axis=0)
   t_cur, t_next = full_rows(t[i], rows), full_rows(t[i + 1], rows)
-  x_new, _ = edm_step(denoiser, jnp.repeat(x, count, axis=0), t_cur, t_next, eps, labels,
-                      gamma=step.gamma(t_cur), S_noise=step.S_noise, heun=heun)
+  x_new, _ = edm_step_scan(denoiser, jnp.repeat(x, count, axis=0), t_cur, t_next, eps, labels,
+                           gamma=step.gamma(t_cur), S_noise=step.S_noise, heun=heun)
   return x_new.reshape((batch, count) + shape)
 
 

@@ -93,19 +93,3 @@ def check_latents(latents: Array, batch: int, shape) -> Array:
   if tuple(latents.shape) != expected:
     raise ValueError(f'samplers: latents must have shape {expected}, got {tuple(latents.shape)}')
   return jnp.asarray(latents, jnp.float32)
-
-
-# VP-SDE of the DG discriminators (beta_0 = 0.1, beta_1 = 20).
-_BETA_0, _BETA_1 = 0.1, 20.0
-
-
-def vp_time(sigma: Array) -> Array:
-  """VP time ``tau`` of an EDM noise level: ``sigma^2 = exp(b0 tau + (b1-b0) tau^2 / 2) - 1``."""
-  db = _BETA_1 - _BETA_0
-  return (jnp.sqrt(_BETA_0 ** 2 + 2 * db * jnp.log1p(sigma ** 2)) - _BETA_0) / db
-
-
-def in_guidance_window(sigma: Array, time_min: float, time_max: float) -> Array:
-  """Per-row bool: DG acts where ``time_min <= tau(sigma) <= time_max``."""
-  tau = vp_time(sigma)
-  return (tau >= time_min) & (tau <= time_max)

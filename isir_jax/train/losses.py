@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from isir_jax.discriminator import BETA_MAX, BETA_MIN, vp_mean
+from isir_jax import vpsde
 
 Array = jax.Array
 
@@ -38,13 +38,9 @@ def edm_loss(denoise: Callable[[Array, Array, Optional[Array]], Array], images: 
   return jnp.mean(weight[:, None, None, None] * err)
 
 
-def _integral_beta(t):
-  return 0.5 * t ** 2 * (BETA_MAX - BETA_MIN) + t * BETA_MIN
-
-
 def _antiderivative(t):
   """``log(exp(int_0^t beta) - 1)``: antiderivative of the likelihood-weighting density."""
-  ib = _integral_beta(t)
+  ib = vpsde.integral_beta(t)
   return jnp.log(-jnp.expm1(-ib)) + ib
 
 
@@ -62,14 +58,12 @@ def sample_vp_time(key: Array, batch: int, importance: bool = True,
   lo = _antiderivative(jnp.float32(t_min))
   z = _antiderivative(jnp.float32(t_max)) - lo
   # int_0^tau beta = log(1 + exp(z u + lo)); solve the quadratic in tau.
-  ib = jnp.logaddexp(0.0, z * u + lo)
-  db = BETA_MAX - BETA_MIN
-  return (-BETA_MIN + jnp.sqrt(BETA_MIN ** 2 + 2.0 * db * ib)) / db
+  return vpsde.time_of_integral(jnp.logaddexp(0.0, z * u + lo))
 
 
 def perturb_vp(images: Array, tau: Array, key: Array) -> Array:
   """VP forward marginal ``mean(tau) x + std(tau) eps`` of images [B, H, W, C]."""
-  mean = vp_mean(tau)[:, None, None, None]
+  mean = vpsde.vp_mean(tau)[:, None, None, None]
   std = jnp.sqrt(1.0 - mean ** 2)
   return mean * images + std * jax.random.normal(key, images.shape)
 
@@ -122,8 +116,7 @@ def discriminator_loss(logit_fn: Callable[[Array, Array, Optional[Array]], Array
 
 def importance_time_density(tau: Array, t_min: float = 1e-5, t_max: float = 1.0) -> Array:
   """Density of ``sample_vp_time(importance=True)`` at tau (for tests)."""
-  beta = BETA_MIN + tau * (BETA_MAX - BETA_MIN)
   z = _antiderivative(jnp.float32(t_max)) - _antiderivative(jnp.float32(t_min))
-  return beta / (-jnp.expm1(-_integral_beta(tau))) / z
+  return vpsde.beta(tau) / (-jnp.expm1(-vpsde.integral_beta(tau))) / z
 
 
