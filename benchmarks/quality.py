@@ -80,8 +80,8 @@ SETTINGS = {
 }
 # The sweep of each testbed, chosen to fit about an hour on an idle 2-core CPU at 1,000
 # samples x 5 seeds. Left out for time: DG w1=1, DiffRS p=0.5, churned ISIR with N=8
-# (280 NFE), the DPM-Solver++(2M) kernel, and on the natural model every second setting
-# of a sweep.
+# (280 NFE), ancestral ISIR with K=2 (the `isir_ancestral` config), DPM-Solver++(2M) beyond
+# one setting, and on the natural model every second setting of a sweep.
 SWEEPS = {
     'skew': tuple(label for label in SETTINGS if label != 'isir ancestral N=8 K=2'),
     'natural': ('edm', 'edm churn', 'edm ancestral', 'dg w1=2 (default)',
