@@ -252,7 +252,9 @@ def isir_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Arr
     shape: static image shape.
     **settings: `edm.StepSettings` fields (a stochastic proposal when N > 1: S_churn > 0
       for 'churn', eta > 0 for the shared-mean kernels) plus num_candidates (N, int or per
-      step), num_iterations (K, int or per step), candidate_chunk, initial_only.
+      step), num_iterations (K, int or per step), candidate_chunk, initial_only,
+      weight_scale (weights ``exp(weight_scale * d)``; 1 is the i-SIR target, > 1 sharpens
+      an under-confident discriminator's correction).
 
   Returns:
     images [B, *shape] and stats: the counts of `edm.cost_stats` ('nfe', 'disc_evals',
