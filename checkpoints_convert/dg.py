@@ -270,7 +270,7 @@ def convert(classifier_state: Mapping[str, np.ndarray],
 FLAGS = flags.FLAGS
 
 
-def _define_flags():
+def define_flags():
   """CLI flags, defined only when run as a script (importers keep a clean flag set)."""
   flags.DEFINE_string('classifier', None, 'ADM noisy classifier state dict (32x32_classifier.pt).')
   flags.DEFINE_string('discriminator', None,
@@ -370,6 +370,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  _define_flags()
+  define_flags()
   flags.mark_flags_as_required(['classifier', 'dst'])
   app.run(main)

@@ -245,7 +245,7 @@ def summary(variables: dict, config: dict) -> str:
 FLAGS = flags.FLAGS
 
 
-def _define_flags():
+def define_flags():
   """CLI flags, defined only when run as a script (importers keep a clean flag set)."""
   flags.DEFINE_string('src', None, 'EDM network pickle (.pkl).')
   common.define_output_flags()
@@ -265,5 +265,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  _define_flags()
+  define_flags()
   app.run(main)

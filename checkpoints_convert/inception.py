@@ -108,7 +108,7 @@ def convert_file(src: str, dst: str, width_divisor: int = 1, overwrite: bool = F
 FLAGS = flags.FLAGS
 
 
-def _define_flags():
+def define_flags():
   """CLI flags, defined only when run as a script (importers keep a clean flag set)."""
   flags.DEFINE_string('src', None, 'pytorch-fid weights: pt_inception-2015-12-05-6726825d.pth')
   common.define_output_flags()
@@ -123,6 +123,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  _define_flags()
+  define_flags()
   flags.mark_flags_as_required(['src', 'dst'])
   app.run(main)

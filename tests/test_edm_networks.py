@@ -62,7 +62,7 @@ def converted(tmp_path_factory):
       sys.modules['torch'] = None  # any 'import torch' now fails
       from checkpoints_convert import edm
       import isir_jax.denoiser
-      edm._define_flags()
+      edm.define_flags()
       for src, dst in {jobs!r}:
         edm.FLAGS(['edm', '--src', src, '--dst', dst])
         edm.main([])
@@ -146,7 +146,8 @@ def test_iddpm_levels_match_reference_buffer():
 
 
 def test_vp_sigma_min_is_float32_value():
-  assert precond._vp_sigma(19.9, 0.1, 1e-5) == 2.0 ** -10  # pylint: disable=protected-access
+  vp = precond.VPPrecond(model=None, img_resolution=8, img_channels=1)   # EDM's defaults
+  assert vp.sigma_min == 2.0 ** -10
 
 
 def test_structure_mismatch_names_the_key():

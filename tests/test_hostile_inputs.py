@@ -165,7 +165,7 @@ def test_nothing_leaks_between_two_reads(tmp_path):
 BATCH = '''
 import contextlib, io, json, sys, time
 from checkpoints_convert import edm
-edm._define_flags()
+edm.define_flags()
 results = {}
 for name, src, dst in json.loads(sys.argv[1]):
   err, out, start = io.StringIO(), io.StringIO(), time.monotonic()
