@@ -15,7 +15,6 @@ The numpy-only parts (resize reference, statistics files, scores) live in
 ``isir_jax.fid_math`` and are re-exported here.
 """
 
-import os
 from typing import Any, Iterable, Iterator
 
 import jax

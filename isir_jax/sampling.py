@@ -13,7 +13,6 @@ import os
 import time
 from typing import Any, Callable, Optional
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -122,7 +121,6 @@ def _check_conditioning(config, denoiser, discriminator) -> None:
       raise RunError(
           f'config.model.conditional={want} but config.model.{key}={path} is '
           f'{"" if conditional else "un"}conditional; use the matching network or config')
-
 
 
 # ----------------------------------------------------------------------------- sampler

@@ -181,6 +181,21 @@ def heldout_split(count: int, fraction: float, seed: int) -> tuple[np.ndarray, n
   return perm[num_heldout:], perm[:num_heldout]
 
 
+def heldout_evaluator(loss_fn, parts: list[dict], repeats: int, seed: int):
+  """Jitted ``params -> {'loss', 'acc'}`` over the held-out real and generated parts, each
+  image ``repeats`` times, the two parts weighted equally, the same noise at every call."""
+  key = jax.random.key(seed)
+  batches = [{k: np.repeat(v, repeats, axis=0) for k, v in part.items()} for part in parts]
+
+  @jax.jit
+  def evaluate(params):
+    out = [loss_fn(params, batch, jax.random.fold_in(key, i)) for i, batch in enumerate(batches)]
+    return {'loss': sum(loss for loss, _ in out) / len(out),
+            'acc': sum(metrics['acc'] for _, metrics in out) / len(out)}
+
+  return evaluate
+
+
 def _balanced(real: dict, gen: dict) -> dict:
   """Real and generated rows with the real ones repeated to the generated count, so that
   uniform batches hold both classes equally often (DG trains on equal counts)."""
@@ -249,20 +264,8 @@ def train_discriminator(config: ml_collections.ConfigDict, workdir: str) -> list
     return losses.discriminator_loss(logit_fn, batch['image'], batch['is_real'], key,
                                      batch.get('label'), importance=cfg.importance)
 
-  evaluate = None
-  if all(len(part['image']) for part in heldout):
-    eval_key = jax.random.key(config.seed + 1)   # the same noise at every evaluation
-
-    @jax.jit
-    def evaluate(p):
-      """Held-out BCE and accuracy, real and generated weighted equally."""
-      out = []
-      for i, part in enumerate(heldout):
-        batch = {k: np.repeat(v, cfg.heldout_repeats, axis=0) for k, v in part.items()}
-        out.append(loss_fn(p, batch, jax.random.fold_in(eval_key, i)))
-      return {'loss': (out[0][0] + out[1][0]) / 2,
-              'acc': (out[0][1]['acc'] + out[1][1]['acc']) / 2}
-
+  evaluate = (heldout_evaluator(loss_fn, heldout, cfg.heldout_repeats, config.seed + 1)
+              if all(len(part['image']) for part in heldout) else None)
   state, history = _run(cfg, loss_fn, head_params, data, workdir, 'discriminator', config.seed,
                         evaluate=evaluate, eval_every=cfg.eval_every, patience=cfg.patience)
   best = state.params if evaluate is None else state.best_params
