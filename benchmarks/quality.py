@@ -30,6 +30,7 @@ import time
 
 from absl import app
 from absl import flags
+import jax
 import ml_collections
 import numpy as np
 import scipy.stats
@@ -179,11 +180,11 @@ def summarise(runs: dict, testbed: str, labels: list[str], costs: cost.NetworkCo
   return rows
 
 
-def _fmt_diff(row: dict, metric: str, digits_: int) -> str:
+def _fmt_diff(row: dict, metric: str, places: int) -> str:
   if row[f'{metric}_verdict'] == 'baseline':
     return '(baseline)'
   low, high = row[f'{metric}_ci']
-  return (f'{row[f"{metric}_diff"]:+.{digits_}f} [{low:+.{digits_}f}, {high:+.{digits_}f}] '
+  return (f'{row[f"{metric}_diff"]:+.{places}f} [{low:+.{places}f}, {high:+.{places}f}] '
           f'{row[f"{metric}_verdict"]}')
 
 
@@ -231,7 +232,6 @@ def main(argv):
   num, seeds = (8, 2) if tiny else (_NUM_SAMPLES.value, _SEEDS.value)
   os.makedirs(_OUT.value, exist_ok=True)
   json_path = os.path.join(_OUT.value, 'quality.json')
-  import jax  # pylint: disable=g-import-not-at-top
   # Each (setting, seed) builds its sampler anew; the seeds of a setting share one program.
   jax.config.update('jax_compilation_cache_dir', _XLA_CACHE.value)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
@@ -246,7 +246,7 @@ def main(argv):
     if saved.get('args', {}).get('num_samples') == num:
       runs = saved['runs']
   tables, notes = {}, {}
-  workdir = tempfile.mkdtemp(prefix='quality-')
+  workdir = tempfile.TemporaryDirectory(prefix='quality-')   # per-percentile DiffRS thresholds
   for testbed in _TESTBEDS.value:
     labels = [label for label in (TINY_SETTINGS if tiny else SWEEPS[testbed])
               if not _ONLY.value or label in _ONLY.value]
@@ -261,7 +261,7 @@ def main(argv):
         if key in runs:
           continue
         images, stats, seconds = draw_setting(config, label, seed, num, _BATCH.value,
-                                              (denoiser, discriminator), workdir)
+                                              (denoiser, discriminator), workdir.name)
         run = dict(testbed=testbed, label=label, seed=seed, seconds=seconds,
                    stats={k: float(np.mean(v)) for k, v in stats.items()},
                    **score(images, net, config, reference))
