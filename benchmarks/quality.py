@@ -154,6 +154,7 @@ def score(images: np.ndarray, net, config, reference: np.ndarray) -> dict:
 def summarise(runs: dict, testbed: str, labels: list[str], costs: cost.NetworkCosts
               ) -> list[dict]:
   """Per setting: metric means, paired differences to EDM with CIs and verdicts, costs."""
+  cifar10 = cost.cifar10_costs()
   rows = []
   for label in labels:
     rs = {r['seed']: r for r in runs.values()
@@ -172,7 +173,7 @@ def summarise(runs: dict, testbed: str, labels: list[str], costs: cost.NetworkCo
     for key in ('nfe', 'disc_evals', 'disc_grads'):
       row[key] = float(np.mean([r['stats'].get(key, np.nan) for r in rs.values()]))
     row['gflop'] = cost.gflop_per_sample(row, costs)
-    row['gflop_cifar10'] = cost.gflop_per_sample(row, cost.cifar10_costs())
+    row['gflop_cifar10'] = cost.gflop_per_sample(row, cifar10)
     row['seconds'] = float(np.mean([r['seconds'] for r in rs.values()]))
     row['extra'] = ', '.join(f'{k} {np.mean([r["stats"][k] for r in rs.values()]):.2f}'
                              for k in ('ess', 'accept_rate') if k in next(iter(rs.values()))['stats'])

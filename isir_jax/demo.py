@@ -107,8 +107,14 @@ def run_method(config: ml_collections.ConfigDict, method: str, models, net, refe
   t0 = time.perf_counter()
   images, stats, _ = sampler.draw(0, cfg.sample.num_samples, progress=f'sampling {method}')
   sample_s = time.perf_counter() - t0
+  return score(config, method, images, net, reference, stats, compile_s, sample_s)
+
+
+def score(config: ml_collections.ConfigDict, method: str, images: np.ndarray, net, reference,
+          stats: dict, compile_s: float = 0.0, sample_s: float = 0.0) -> Result:
+  """Predicted classes, class-frequency error +- SE and (from enough samples) FD-digits."""
   classes = net.predict(images)
-  err, se = class_error(classes, reference, cfg.seed)
+  err, se = class_error(classes, reference, config.seed)
   fd = (feature_net_lib.fd_digits(net, images, config.demo.ref_stats)
         if len(images) >= config.demo.min_fd_samples else float('nan'))
   return Result(method, images, classes, err, se, fd, stats, compile_s, sample_s)
@@ -143,11 +149,7 @@ def data_result(config: ml_collections.ConfigDict, net, reference, num_samples: 
   images, _ = digits_data.load_digits(config.data.path)
   idx = np.random.default_rng(config.seed).choice(len(images), min(num_samples, len(images)),
                                                   replace=False)
-  classes = net.predict(images[idx])
-  err, se = class_error(classes, reference, config.seed)
-  fd = (feature_net_lib.fd_digits(net, images[idx], config.demo.ref_stats)
-        if num_samples >= config.demo.min_fd_samples else float('nan'))
-  return Result('data (real)', images[idx], classes, err, se, fd, {}, 0.0, 0.0)
+  return score(config, 'data (real)', images[idx], net, reference, {})
 
 
 def demo(config: ml_collections.ConfigDict, workdir: str) -> list[Result]:
