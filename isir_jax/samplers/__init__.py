@@ -1,4 +1,4 @@
-"""Jitted samplers over the `Denoiser` / `Discriminator` protocols: EDM, DG, DiffRS, ISIR.
+"""Jitted samplers over the `Denoiser` / `Discriminator` protocols: EDM, DG, DiffRS, ISIR, SMC.
 
     from isir_jax import samplers, testbed
     tb = testbed.make_testbed('gmm2')
@@ -23,23 +23,26 @@ from isir_jax.samplers.dg import dg_sample, dg_sampler
 from isir_jax.samplers.churn import edm_step
 from isir_jax.samplers.edm import StepSettings, edm_sample, edm_sampler
 from isir_jax.samplers.isir import adaptive_schedule, isir_sample, isir_sampler
+from isir_jax.samplers.smc import smc_sample, smc_sampler
 
 _REGISTRY = {
     'edm': edm_sampler,
     'dg': dg_sampler,
     'diffrs': diffrs_sampler,
     'isir': isir_sampler,
+    'smc': smc_sampler,
 }
 
 __all__ = [
     'StepSettings', 'Thresholds', 'adaptive_schedule', 'dg_sample', 'dg_sampler',
     'diffrs_sample', 'diffrs_sampler', 'edm_sample', 'edm_sampler', 'edm_step',
-    'estimate_thresholds', 'get_sampler', 'isir_sample', 'isir_sampler',
+    'estimate_thresholds', 'get_sampler', 'isir_sample', 'isir_sampler', 'smc_sample',
+    'smc_sampler',
 ]
 
 
 def get_sampler(name: str) -> Callable:
-  """The factory of sampler ``name`` (one of 'edm', 'dg', 'diffrs', 'isir')."""
+  """The factory of sampler ``name`` (one of 'edm', 'dg', 'diffrs', 'isir', 'smc')."""
   if name not in _REGISTRY:
     raise ValueError(f'samplers: unknown sampler {name!r}; expected one of {sorted(_REGISTRY)}')
   return _REGISTRY[name]

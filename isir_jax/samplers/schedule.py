@@ -18,9 +18,11 @@ Array = jax.Array
 # the initial latent lives in its own stream, out of reach of any step index.
 _LATENT_STREAM = 1 << 30
 # Under a step's key: stream 0 draws the proposal noise of candidate c (fold_in again by c),
-# stream 1 draws the i-SIR / rejection choices of iteration k (fold_in again by k).
+# stream 1 draws the i-SIR / rejection choices of iteration k (fold_in again by k),
+# stream 2 the SMC resampling of a group (under its first sample's step key).
 _NOISE = 0
 _CHOICE = 1
+_RESAMPLE = 2
 
 
 def sigma_range(denoiser, sigma_min: float, sigma_max: float) -> tuple[float, float]:
@@ -80,6 +82,11 @@ def candidate_normal(key: Array, candidate, shape) -> Array:
 def choice_key(key: Array, iteration) -> Array:
   """Key for the random choice (resampling / acceptance) of ``iteration`` under a step key."""
   return jax.random.fold_in(jax.random.fold_in(key, _CHOICE), iteration)
+
+
+def resample_key(key: Array) -> Array:
+  """Key for resampling a group of particles, under the step key of the group's first sample."""
+  return jax.random.fold_in(key, _RESAMPLE)
 
 
 def candidates_normal(keys: Array, candidates: Array, shape) -> Array:
