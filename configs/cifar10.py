@@ -1,7 +1,7 @@
 """CIFAR-10 32x32 with EDM's VP networks and DG's discriminators.
 
 ``--config=configs/cifar10.py:METHOD[,cond][,tiny]`` with METHOD one of
-edm | dg | diffrs | isir | isir_stochastic | isir_ancestral (default isir); ``cond`` selects the
+edm | dg | diffrs | isir | isir_stochastic | isir_ancestral | smc (default isir); ``cond`` selects the
 class-conditional networks, ``tiny`` a few-second smoke run of the same path.
 The model paths are directories converted once from the published checkpoints:
 
@@ -34,6 +34,8 @@ def get_config(arg: str | None = None):
   config.sampler = default.sampler_config(method)
   config.fid.inception = 'models/inception'
   config.fid.ref_stats = 'models/cifar10-32x32.npz'   # EDM's reference statistics
+  if method == 'smc':
+    config.sample.batch_size = 512   # whole groups of 16 on up to 32 devices
   config.train = ml_collections.ConfigDict({'discriminator': discriminator_training(kind, cond)})
   if 'tiny' in flags:
     default.apply_tiny(config)

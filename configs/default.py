@@ -15,7 +15,7 @@ the seed's ``isir_code.py``).
 import ml_collections
 
 # Config-argument tokens naming a sampler setting (see `sampler_config`).
-METHODS = ('edm', 'dg', 'diffrs', 'isir', 'isir_stochastic', 'isir_ancestral')
+METHODS = ('edm', 'dg', 'diffrs', 'isir', 'isir_stochastic', 'isir_ancestral', 'smc')
 
 
 def parse_arg(arg: str | None, filename: str, flags: tuple[str, ...],
@@ -44,7 +44,7 @@ def parse_arg(arg: str | None, filename: str, flags: tuple[str, ...],
 def sampler_config(method: str) -> ml_collections.ConfigDict:
   """The reference settings of a method, as ``config.sampler``."""
   s = ml_collections.ConfigDict()
-  s.name = method.split('_')[0]   # sampler registry name: edm | dg | diffrs | isir
+  s.name = method.split('_')[0]   # sampler registry name: edm | dg | diffrs | isir | smc
   # Karras time steps (EDM Eq. 5) and the Heun sampler with churn (EDM Alg. 2).
   s.num_steps = 18                # sampling steps; 18 steps of Heun = 35 NFE
   s.sigma_min = 0.002             # lowest noise level (clipped to the network's range)
@@ -112,6 +112,25 @@ def sampler_config(method: str) -> ml_collections.ConfigDict:
     s.num_iterations = 2
     s.initial_only = False
     s.candidate_chunk = 5
+  if s.name == 'smc':
+    # Sequential Monte Carlo: weights d(x', t') - d(x, t) carried across steps and
+    # resampled within groups of group_size consecutive samples (batches, device shards
+    # and the sample count must hold whole groups). Shared-mean ancestral proposals: a
+    # step costs 1 NFE and one discriminator evaluation. See the README's SMC section.
+    s.proposal = 'ancestral'
+    s.eta = 1.0
+    s.group_size = 16             # G particles per group
+    s.weight_scale = 1.0          # lambda: increments lambda (d(x') - d(x)); 1 is exact
+    s.resample = 'systematic'     # 'systematic' or 'multinomial'
+    # None: resample at every weighted step; a fraction: when the group's ESS < it * G.
+    s.ess_threshold = ml_collections.FieldReference(None, field_type=float)
+    s.resample_window = (0.0, float('inf'))   # target noise levels of the weighted steps
+    s.final_resample = True       # weight and resample the last step in the window
+    s.num_candidates = 1          # N > 1: an SIR move (ISIR, K = 1) inside SMC
+    s.candidate_chunk = ml_collections.FieldReference(None, field_type=int)
+    s.guidance_weight = 0.0       # w > 0: twisted proposal (DG's term in the mean)
+    s.time_min = 0.01             # DG's window of VP times for that guidance
+    s.time_max = 1.0
   return s
 
 
@@ -155,6 +174,8 @@ def apply_tiny(config: ml_collections.ConfigDict) -> None:
   if config.sampler.name == 'isir':
     config.sampler.num_candidates = 2
     config.sampler.num_iterations = 2
+  if config.sampler.name == 'smc':
+    config.sampler.group_size = 2
   if config.sampler.name == 'diffrs':
     config.sampler.warmup_samples = 8
     config.sampler.max_backsteps = 4

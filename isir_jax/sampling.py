@@ -13,6 +13,7 @@ import os
 import time
 from typing import Any, Callable, Optional
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -34,7 +35,8 @@ DRIVER_SAMPLER_KEYS = ('name', 'rej_percentile', 'warmup_samples', 'thresholds')
 DIFFRS_THRESHOLDS_NAME = 'diffrs_thresholds.npz'   # warm-up result, reused on resume
 # Per-sample sampler statistics reported in log lines and tables, with their labels.
 _LOGGED_STATS = (('nfe', 'NFE/sample'), ('disc_evals', 'disc evals'),
-                 ('disc_grads', 'disc grads'), ('ess', 'ESS'), ('accept_rate', 'accept'))
+                 ('disc_grads', 'disc grads'), ('ess', 'ESS'), ('accept_rate', 'accept'),
+                 ('ancestors', 'ancestors/group'))
 
 
 # config.model.dtype -> compute dtype of the networks (their weights stay float32).
@@ -202,6 +204,25 @@ def make_sample_fn(config: ml_collections.ConfigDict, denoiser, discriminator,
       keys, class_labels)
 
 
+def check_groups(config: ml_collections.ConfigDict, devices: int) -> None:
+  """SMC resamples within groups of ``config.sampler.group_size`` consecutive samples: a batch,
+  a device's shard of it and the sample count must hold whole groups, or samples would
+  depend on how the run is split. One `RunError` line otherwise."""
+  if config.sampler.name != 'smc':
+    return
+  size = config.sampler.get('group_size', 1)
+  counts = (('config.sample.batch_size', config.sample.batch_size, size),
+            (f'config.sample.batch_size on {devices} devices', config.sample.batch_size,
+             size * devices),
+            ('config.sample.num_samples', config.sample.num_samples, size))
+  for name, value, multiple in counts:
+    if value % multiple:
+      raise RunError(f'{name}={value} is not a multiple of {multiple}: SMC groups of '
+                     f'config.sampler.group_size={size} consecutive samples must not be split '
+                     f'(batch and per-device shard sizes, and the sample count, must be '
+                     f'multiples of the group size)')
+
+
 def format_stats(stats: dict) -> str:
   """The mean of each logged per-sample statistic, as ``NFE/sample 35, ESS 0.9``."""
   parts = []
@@ -241,6 +262,7 @@ class Sampler:
     self.label_dim = self.denoiser.label_dim
     self.batch_size = config.sample.batch_size
     self.base = parallel.base_key(config.seed)
+    check_groups(config, jax.device_count())
     fn = make_sample_fn(config, self.denoiser, self.discriminator, workdir)
     self.sharded = parallel.ShardedSampler(fn, self.batch_size, models)
 

@@ -129,6 +129,41 @@ def test_isir_independent_of_batch_padding(tmp_path):
   np.testing.assert_array_equal(load_run(tmp_path / '3'), load_run(tmp_path / '4'))
 
 
+def test_smc_independent_of_devices_and_batch_at_whole_groups(tmp_path):
+  """SMC resamples within groups of 2 (tiny config): 8 samples in batches of 8 on one
+  device equal batches of 4 on two devices, and a run killed after its first shard resumes
+  to the same samples."""
+  config = 'configs/testbed.py:smc,tiny'
+  runs = {'one': ('--config.sample.batch_size=8', 1), 'two': ('--config.sample.batch_size=4', 2)}
+  for name, (flag, devices) in runs.items():
+    result = run_main(tmp_path / name, '--config.sample.num_samples=8', flag, devices=devices,
+                      config=config)
+    assert result.returncode == 0, result.stderr
+    assert 'ancestors/group' in result.stderr
+  np.testing.assert_array_equal(load_run(tmp_path / 'one'), load_run(tmp_path / 'two'))
+  os.remove(tmp_path / 'two' / 'samples_1.npz')
+  resumed = run_main(tmp_path / 'two', '--config.sample.num_samples=8',
+                     '--config.sample.batch_size=4', devices=2, config=config)
+  assert resumed.returncode == 0 and '1 of 2 shards to generate' in resumed.stderr
+  np.testing.assert_array_equal(load_run(tmp_path / 'one'), load_run(tmp_path / 'two'))
+
+
+@pytest.mark.parametrize('sample,devices,message', [
+    (dict(batch_size=3), 1, r'config.sample.batch_size=3 is not a multiple of 2'),
+    (dict(batch_size=2), 2, r'config.sample.batch_size on 2 devices=2 is not a multiple of 4'),
+    (dict(batch_size=4, num_samples=7), 1, r'config.sample.num_samples=7 is not a multiple of 2'),
+])
+def test_smc_refuses_to_split_a_group(tmp_path, sample, devices, message):
+  config = testbed_config.get_config('smc,tiny')
+  config.sample.update(sample)
+  with pytest.raises(run_lib.RunError, match=message):
+    sampling.check_groups(config, devices)
+  if devices == 1:   # the driver checks before it samples
+    with pytest.raises(run_lib.RunError, match=message):
+      run_lib.sample(config, str(tmp_path))
+    assert not io.complete_shards(str(tmp_path))
+
+
 # A process of a multi-host job, as TPU pods or SLURM would start it (explicit coordinator).
 _WORKER = """
 import sys
@@ -186,7 +221,7 @@ def test_resume_after_sigkill(reference_run, tmp_path):
     (module, f'{method}{flags}')
     for module, flag_sets in ((cifar10_config, ('', ',cond', ',tiny', ',cond,tiny')),
                               (testbed_config, ('', ',tiny')))
-    for method in ('edm', 'dg', 'diffrs', 'isir', 'isir_stochastic')
+    for method in ('edm', 'dg', 'diffrs', 'isir', 'isir_stochastic', 'smc')
     for flags in flag_sets])
 def test_every_config_builds_its_sampler(module, arg):
   """Each config's sampler settings are accepted by the sampler factory (no compile)."""

@@ -167,8 +167,18 @@ def nearest_in_group(x: Array, size: int) -> Array:
   return jnp.sqrt(jnp.min(sq, axis=-1)).reshape(-1)
 
 
-def _guided_ancestral(denoiser, discriminator, x: Array, keys: Array, i, t: Array,
-                      class_labels, step: edm.StepSettings, cfg: SMCSettings):
+def _ancestral_mean(denoiser, x: Array, keys: Array, i, t: Array, class_labels,
+                    step: edm.StepSettings):
+  """The ancestral kernel of step i as ``(m, c, s, draw)``: its mean, coefficients and
+  ``draw(ids)`` (the draws of `edm.proposals`)."""
+  c, _, s = (jnp.asarray(v)[i] for v in step.mean_coefficients(t))
+  m, _ = edm.shared_mean(denoiser, x, None, edm.full_rows(t[i], x.shape[0]), c, 0.0,
+                         class_labels)
+  return m, c, s, lambda ids: m[:, None] + s * edm.step_noise(keys, ids, i, x.shape[1:])
+
+
+def _twisted(discriminator, x: Array, m: Array, c, s, keys: Array, i, t: Array,
+             class_labels, cfg: SMCSettings):
   """The twisted ancestral kernel of step i: ``(draw, correction, ran)``.
 
   ``draw(ids)`` gives candidates around the guided mean ``m - (1 - c) w g`` (the DDIM mean
@@ -176,16 +186,12 @@ def _guided_ancestral(denoiser, discriminator, x: Array, keys: Array, i, t: Arra
   ratio ``log q_plain(x'|x) - log q_guided(x'|x)`` [B, c]; ``ran`` whether the
   discriminator's gradient was evaluated (some sample inside DG's window).
   """
-  c, _, s = (jnp.asarray(v)[i] for v in step.mean_coefficients(t))
-  batch, shape = x.shape[0], x.shape[1:]
-  sigma = edm.full_rows(t[i], batch)
-  m, _ = edm.shared_mean(denoiser, x, None, sigma, c, 0.0, class_labels)
-  g, _, inside = dg.windowed_guidance(discriminator, x, sigma, class_labels, cfg.time_min,
-                                      cfg.time_max)
+  g, _, inside = dg.windowed_guidance(discriminator, x, edm.full_rows(t[i], x.shape[0]),
+                                      class_labels, cfg.time_min, cfg.time_max)
   m_guided = m - (1 - c) * cfg.guidance_weight * g
 
   def draw(ids):
-    return m_guided[:, None] + s * edm.step_noise(keys, ids, i, shape)
+    return m_guided[:, None] + s * edm.step_noise(keys, ids, i, x.shape[1:])
 
   def correction(xs):
     axes = tuple(range(2, xs.ndim))
@@ -227,13 +233,13 @@ def smc_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Arra
     raise ValueError(f'smc: keys must be [B] with B a multiple of group_size={size} (groups '
                      f'of consecutive samples), got shape {tuple(keys.shape)}')
   t = step.sigmas(denoiser)
-  weighted = cfg.weighted_steps(step, t)
+  # G = 1 with N = 1 never uses its weights: no discriminator forward at all, and without
+  # guidance every step is the plain one.
+  evaluate = size > 1 or n > 1
+  weighted = cfg.weighted_steps(step, t) & (evaluate or cfg.guidance_weight != 0)
   last_weighted = int(np.flatnonzero(weighted)[-1]) if weighted.any() else -1
   groups = batch // size
   lead_keys = keys[::size]
-
-  # G = 1 with N = 1 never uses its weights: no discriminator forward at all.
-  evaluate = size > 1 or n > 1
 
   def log_r(x, sigma):
     """``lambda d(x, sigma)`` [B, c] of candidates x [B, c, ...]."""
@@ -292,25 +298,26 @@ def smc_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Arra
   def body(carry, i, heun):
     (x, x0_prev), log_w, prev, origin, acc = carry
     skeys = jax.vmap(lambda k: schedule.step_key(k, i))(keys)
+    # The plain kernel, outside the branches (its mean is one denoiser call either way).
+    if cfg.guidance_weight:
+      m, c, s, draw = _ancestral_mean(denoiser, x, keys, i, t, class_labels, step)
+      x0_next = None
+    else:
+      draw, x0_next = edm.proposals(denoiser, (x, x0_prev), keys, i, t, class_labels, step,
+                                    heun)
 
     def weighted_step(_):
-      acc_i = acc
       if cfg.guidance_weight:
-        draw, correction, ran = _guided_ancestral(denoiser, discriminator, x, keys, i, t,
-                                                  class_labels, step, cfg)
-        x0_next = x0_prev
+        draw_w, correction, ran = _twisted(discriminator, x, m, c, s, keys, i, t,
+                                           class_labels, cfg)
         acc_i = dict(acc, grads=acc['grads'] + ran.astype(jnp.int32))
       else:
-        draw, x0_next = edm.proposals(denoiser, (x, x0_prev), keys, i, t, class_labels, step,
-                                      heun)
-        correction = None
-      x_new, new_prev, log_mean = sir(draw, t[i + 1], skeys, correction)
+        draw_w, correction, acc_i = draw, None, acc
+      x_new, new_prev, log_mean = sir(draw_w, t[i + 1], skeys, correction)
       return resample_step(i, x_new, x0_next, log_w + log_mean - prev, new_prev, origin,
                            acc_i)
 
     def plain_step(_):
-      draw, x0_next = edm.proposals(denoiser, (x, x0_prev), keys, i, t, class_labels, step,
-                                    heun)
       return draw(jnp.arange(1))[:, 0], x0_next, log_w, prev, origin, acc
 
     if weighted.all() or not weighted.any():
