@@ -12,7 +12,7 @@ of a file, blobs and re-parses included, in two currencies:
   KiB read or copied, and the quadratic cost of parsing a decimal integer, at most
   ``_WORK_SLACK`` plus one unit per ``_FILE_BYTES_PER_WORK`` bytes of the file.
 
-The published checkpoints need about 2x their size in memory and well under 1% of the
+The published checkpoints need about 2x their size in memory and a few percent of the
 work. Besides: storages may not claim more bytes than the file has, tensors not more
 than ``_TENSOR_BYTES_PER_STORAGE_BYTE`` times the storage bytes (plus
 ``_TENSOR_BYTES_SLACK``); memo indices, tensor rank and nesting depth are capped.
@@ -38,7 +38,7 @@ _BYTES_PER_OP = 128         # an operation's object, its stack slot and memo ent
 _BYTES_PER_ITEM = 64        # an element of a copied list, dict or set
 _BYTES_PER_CLASS = 8 << 10  # a torch module class made for the read
 # The work budget of one read, in units of about a microsecond.
-_WORK_SLACK = 1 << 22
+_WORK_SLACK = 1 << 20
 _FILE_BYTES_PER_WORK = 16
 _BYTES_PER_WORK = 1 << 10   # reading or copying a KiB
 _DIGITS_SQUARED_PER_WORK = 200_000   # parsing n decimal digits costs n^2 / this
@@ -90,7 +90,7 @@ class _Load:
 
   def parse_digits(self, digits: int) -> None:
     """Charges parsing a decimal integer of ``digits`` digits (quadratic in CPython)."""
-    self.charge(digits, digits * digits // _DIGITS_SQUARED_PER_WORK)
+    self.charge(0, digits * digits // _DIGITS_SQUARED_PER_WORK)
 
   def add_class(self) -> None:
     self.charge(_BYTES_PER_CLASS, 1)

@@ -144,8 +144,8 @@ class ModuleRecord:
           raise self._fail(f'name {brief(name)} in {label(prefix[:-1] or record.class_name)} is '
                            f'a {type(name).__name__}, not a string')
         if not _NAME_PART.fullmatch(name):
-          raise self._fail(f'name {label(prefix + name, 200)}: {label(name)} is not an '
-                           "identifier (1 to 64 letters, digits and '_')")
+          raise self._fail(f'name {label(name)} in {label(prefix[:-1] or record.class_name)} is '
+                           "not an identifier (1 to 64 letters, digits and '_')")
         if name in modules and name in tensor_names:
           raise self._fail(f'{label(prefix + name)} is both a tensor and a module')
       for name, value in tensors:
