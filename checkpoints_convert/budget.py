@@ -6,10 +6,12 @@ of a file, blobs and re-parses included, in two currencies:
 * memory: bytes the reader allocates (every byte taken from a pickle stream, bytearrays
   only once their bytes are read; ``_BYTES_PER_OP`` for the object an operation may
   make; ``_BYTES_PER_ITEM`` per element copied by an allowlisted callable or a walk;
-  ``_BYTES_PER_CLASS`` per torch module class made; every tensor copied out of a
+  ``_BYTES_PER_CLASS`` per torch module class made, ``_BYTES_PER_UNPICKLER`` per pickle
+  started (a storage blob re-read is a new pickle); every tensor copied out of a
   storage), at most ``_MEMORY_PER_FILE_BYTE`` times the file size plus ``_MEMORY_SLACK``;
 * work: one unit (about a microsecond) per operation, per element copied or walked, per
-  KiB read or copied, and the quadratic cost of parsing a decimal integer, at most
+  KiB read or copied, ``_WORK_PER_UNPICKLER`` per pickle started, and the quadratic cost
+  of parsing a decimal integer, at most
   ``_WORK_SLACK`` plus one unit per ``_FILE_BYTES_PER_WORK`` bytes of the file.
 
 The published checkpoints need about 2x their size in memory and a few percent of the
@@ -37,6 +39,8 @@ _MEMORY_SLACK = 64 << 20
 _BYTES_PER_OP = 128         # an operation's object, its stack slot and memo entry
 _BYTES_PER_ITEM = 64        # an element of a copied list, dict or set
 _BYTES_PER_CLASS = 8 << 10  # a torch module class made for the read
+_BYTES_PER_UNPICKLER = 4 << 10   # an unpickler and its stand-ins (one per pickle, blobs too)
+_WORK_PER_UNPICKLER = 50
 # The work budget of one read, in units of about a microsecond.
 _WORK_SLACK = 1 << 20
 _FILE_BYTES_PER_WORK = 16
@@ -94,6 +98,9 @@ class _Load:
 
   def add_class(self) -> None:
     self.charge(_BYTES_PER_CLASS, 1)
+
+  def add_unpickler(self) -> None:
+    self.charge(_BYTES_PER_UNPICKLER, _WORK_PER_UNPICKLER)
 
   def add_storage(self, nbytes: int) -> None:
     self.storage_bytes += nbytes

@@ -93,6 +93,7 @@ class _Unpickler(pickle._Unpickler):  # pylint: disable=protected-access
   dispatch = dict(pickle._Unpickler.dispatch)  # pylint: disable=protected-access
 
   def __init__(self, file, load: _Load, where: str, persistent_load=None, load_blob=None):
+    load.add_unpickler()
     super().__init__(_Exact(file, load))
     self._load = load
     self._where = where
@@ -129,6 +130,7 @@ class _Unpickler(pickle._Unpickler):  # pylint: disable=protected-access
     return CheckpointError(f'{self._where}: {message}')
 
   def find_class(self, module: str, name: str) -> Any:
+    self._load.charge(len(module) + len(name))   # the qualified name made below
     qualified = f'{module}.{name}'
     if qualified in self._globals:
       return self._globals[qualified]
