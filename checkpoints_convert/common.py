@@ -333,10 +333,10 @@ def _value_difference(expected: Any, actual: Any) -> Optional[str]:
                            in jax.tree_util.tree_flatten_with_path(tree)[0])
   have = flat(actual)
   for key, want in flat(expected).items():
-    want, got = np.asarray(want), np.asarray(have[key])
+    want, got = np.ascontiguousarray(want), np.ascontiguousarray(have[key])
     if want.dtype != got.dtype:
       return f'{key} has dtype {got.dtype}, expected {want.dtype}'
-    if want.tobytes() != got.tobytes():
+    if not np.array_equal(want.reshape(-1).view(np.uint8), got.reshape(-1).view(np.uint8)):
       return f'{key} holds other values'
   return None
 
