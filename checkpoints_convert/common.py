@@ -230,7 +230,7 @@ def _written(path: str) -> dict:
   try:
     with open(marker, encoding='utf-8') as f:
       written = json.load(f).get('written')
-  except (OSError, ValueError, AttributeError):
+  except (OSError, ValueError, AttributeError, RecursionError):
     return {}
   return written if isinstance(written, dict) else {}
 
