@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from checkpoints_convert.errors import brief, label
+from checkpoints_convert.errors import brief
 from checkpoints_convert.records import ModuleRecord, _check_module_state
 from checkpoints_convert.tensors import _NUMERIC_KINDS
 
