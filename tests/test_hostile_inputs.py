@@ -160,6 +160,37 @@ def test_nothing_leaks_between_two_reads(tmp_path):
     test_reader.assert_same_arrays(reader.read_state_dict(path), wanted)
 
 
+# Cuts the file to a third and restores it, over and over, until killed.
+CUT = ('import os, sys\n'
+       'path = sys.argv[1]\n'
+       'data = open(path, "rb").read()\n'
+       'while True:\n'
+       '  os.truncate(path, len(data) // 3)\n'
+       '  with open(path, "r+b") as f:\n'
+       '    f.write(data)\n')
+READ_MANY = ('import sys\n'
+             'from checkpoints_convert import reader\n'
+             'for _ in range(20):\n'
+             '  try:\n'
+             '    reader.read_state_dict(sys.argv[1])\n'
+             '  except reader.CheckpointError as e:\n'
+             '    assert "truncated" in str(e), str(e)\n')
+
+
+def test_source_cut_while_read(tmp_path):
+  """A file cut underneath the reader is read whole or refused as truncated, never a signal."""
+  path = tmp_path / 'sd.pt'
+  path.write_bytes(hc.large_state_dict(1 << 22))
+  cutter = subprocess.Popen([sys.executable, '-c', CUT, str(path)])
+  try:
+    run = run_limited([sys.executable, '-c', READ_MANY, str(path)], READER_AS)
+  finally:
+    cutter.kill()
+    cutter.wait()
+  assert run.rc == 0, (run.rc, run.stderr[-2000:])
+  assert run.wall_s < WALL_BOUND_S
+
+
 # ---------------------------------------------------------------------------
 # The EDM converter: bad configuration values, names and buffers, all in one process.
 

@@ -419,6 +419,12 @@ def marker_rebind() -> bytes:
           + _unicode('dtype') + _unicode('uint8') + pickle.SETITEM + pickle.BUILD + pickle.STOP)
 
 
+def large_state_dict(numel: int) -> bytes:
+  """A valid one-tensor legacy state dict of ``numel`` floats (a file worth cutting)."""
+  return legacy_stream({'w': tensor(Storage('torch.FloatStorage', '0', numel), 0, (numel,),
+                                    (1,))}, {'0': np.zeros(numel, np.float32)})
+
+
 def state_dict_with_key(key: str) -> bytes:
   """A one-tensor state dict (zip format) whose only key is ``key``."""
   return _zip({'a/data.pkl': dumps({key: tensor(_ZipStorage('torch.FloatStorage', '0', 2), 0,
