@@ -8,20 +8,25 @@
 * :func:`check_values`: every architecture value against its :class:`Rule` (type and
   range), before any module is built or traced (:func:`build`).
 * :func:`check_dst`: refuses a ``--dst`` the converter must not write or replace,
-  before any input is read.
-* :func:`write_model`: writes to a temporary sibling, then renames into place; on error
+  before any input is read; only a converter's own output (``MARKER_NAME`` listing
+  exactly what is there) is replaced without ``--overwrite``.
+* :func:`write_model`: writes to a temporary sibling, loads it back with the project's
+  loader and compares it with what was converted, then renames into place; on error
   removes only what it wrote.
-* :func:`run`: the converters' CLI body (``--dst`` check, convert, non-finite warning,
-  write, one summary line).
+* :func:`run`: the converters' CLI body (``--dst`` check, convert, warnings, write, one
+  summary line).
 """
 
 import dataclasses
+import itertools
+import json
 import math
 import os
 import shutil
 import sys
 import tempfile
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+import warnings
 
 from absl import flags
 from absl import logging
@@ -33,6 +38,11 @@ from checkpoints_convert.reader import CheckpointError
 from isir_jax import checkpoints
 
 _MAX_PROBLEMS = 5
+# Written last into every converted model directory: what the converter wrote there.
+MARKER_NAME = 'converted.json'
+_MAX_MARKER_BYTES = 1 << 20
+# A --dst with more entries than this is not a converter's output.
+_MAX_DST_ENTRIES = 10_000
 
 
 class ConversionError(CheckpointError):
@@ -184,41 +194,106 @@ def build(make: Callable[[], Any], what: str) -> Any:
 
 def define_output_flags() -> None:
   """``--dst`` and ``--overwrite``, the same for every converter."""
-  flags.DEFINE_string('dst', None, 'Output model directory (config.json + params/), written '
-                      'to a temporary sibling and renamed into place.')
-  flags.DEFINE_bool('overwrite', False, 'Replace an existing non-empty --dst that is not a '
-                    'converted model directory (only config.json and params/).')
+  flags.DEFINE_string('dst', None, 'Output model directory (config.json + params/ + '
+                      f'{MARKER_NAME}), written to a temporary sibling and renamed into place.')
+  flags.DEFINE_bool('overwrite', False, 'Replace an existing non-empty --dst that is not '
+                    f"exactly a converter's output (as its {MARKER_NAME} lists it).")
 
 
-def _is_model_dir(path: str, entries: list[str]) -> bool:
-  """Only ``config.json`` (a file) and ``params/`` (a directory), no links."""
-  kinds = {checkpoints.CONFIG_NAME: os.path.isfile, checkpoints.PARAMS_NAME: os.path.isdir}
-  return all(name in kinds and not os.path.islink(os.path.join(path, name))
-             and kinds[name](os.path.join(path, name)) for name in entries)
+def _entries(path: str) -> Iterator[tuple[str, Any]]:
+  """``(relative path, size)`` of every file under ``path``; ``'dir'``/``'other'`` otherwise.
+
+  Links are not followed (a link is ``'other'``); directories are listed before their
+  contents, in sorted order.
+  """
+  for base, dirs, files in os.walk(path):
+    dirs.sort()
+    for name in sorted(dirs + files):
+      full = os.path.join(base, name)
+      rel = os.path.relpath(full, path)
+      if os.path.islink(full):
+        yield rel, 'other'
+      elif os.path.isdir(full):
+        yield rel, 'dir'
+      elif os.path.isfile(full):
+        yield rel, os.path.getsize(full)
+      else:
+        yield rel, 'other'
+
+
+def _written(path: str) -> dict:
+  """What the marker of a converted directory says was written there; {} if no marker."""
+  marker = os.path.join(path, MARKER_NAME)
+  if os.path.islink(marker) or not os.path.isfile(marker) or (
+      os.path.getsize(marker) > _MAX_MARKER_BYTES):
+    return {}
+  try:
+    with open(marker, encoding='utf-8') as f:
+      written = json.load(f).get('written')
+  except (OSError, ValueError, AttributeError, RecursionError):
+    return {}
+  return written if isinstance(written, dict) else {}
+
+
+def foreign_entries(path: str) -> list[str]:
+  """The entries of a directory that no converter wrote there (empty: safe to replace).
+
+  A converter writes ``MARKER_NAME`` last, listing every file it wrote with its size;
+  anything else (another file, a changed size, a link, a directory without a marker)
+  is foreign. A directory with more than ``_MAX_DST_ENTRIES`` entries is foreign.
+  """
+  entries = dict(itertools.islice(_entries(path), _MAX_DST_ENTRIES + 1))
+  written = _written(path)
+  foreign = [name for name, kind in entries.items()
+             if name != MARKER_NAME and written.get(name) != kind]
+  if len(entries) > _MAX_DST_ENTRIES:
+    foreign.append(f'more than {_MAX_DST_ENTRIES} entries')
+  return foreign
+
+
+def _write_marker(path: str, converter: str) -> None:
+  written = dict(_entries(path))
+  with open(os.path.join(path, MARKER_NAME), 'w', encoding='utf-8') as f:
+    json.dump({'converter': converter, 'written': written}, f, indent=1, sort_keys=True)
 
 
 def _contains(parent: str, child: str) -> bool:
   return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
 
 
+def _check_utf8(path: str, what: str) -> None:
+  """A path must be valid UTF-8: orbax writes through tensorstore, configs are JSON."""
+  try:
+    os.path.abspath(path).encode('utf-8')
+  except UnicodeEncodeError:
+    raise ConversionError(f'{what} {reader.label(path, 200)} is not valid UTF-8 (its absolute '
+                          'path has undecodable bytes); rename it') from None
+
+
 def check_dst(dst: Optional[str], sources: Sequence[str], overwrite: bool = False) -> str:
   """Refuses a ``--dst`` the converter must not write or replace; returns its absolute path.
 
-  Refused: an empty value; the working directory or one of its parents (``.``, ``/``);
-  a directory that is or contains an input; a symlink (dangling or not); an existing
-  non-directory; a path below a file; a place the process cannot create files in; and,
-  unless ``overwrite``, a non-empty directory that is not a converted model directory.
+  Refused: an empty value; a path (or an input path) that is not valid UTF-8; the
+  working directory or one of its parents (``.``, ``/``); a directory that is or
+  contains an input; a symlink (dangling or not); an existing non-directory; a path
+  below a file; a place the process cannot create files in; and, unless ``overwrite``,
+  a non-empty directory holding anything a converter did not write there
+  (:func:`foreign_entries`).
 
   Args:
     dst: the ``--dst`` value.
     sources: the input files.
-    overwrite: allow replacing a non-empty directory that is not a model directory.
+    overwrite: allow replacing a non-empty directory that is not a converter's output.
 
   Raises:
     ConversionError: one line naming ``--dst`` and why.
   """
   if not dst or not dst.strip():
     raise ConversionError('--dst is empty: give the output model directory')
+  _check_utf8(dst, '--dst')
+  for src in sources:
+    if src:
+      _check_utf8(src, 'input')
   shown = reader.label(dst, 200)
   path = os.path.abspath(dst)
   real = os.path.realpath(path)
@@ -243,23 +318,69 @@ def check_dst(dst: Optional[str], sources: Sequence[str], overwrite: bool = Fals
     raise ConversionError(f'--dst {shown}: cannot create files in '
                           f'{reader.label(ancestor, 200)} ({e.strerror})') from None
   if os.path.isdir(path) and not overwrite:
-    entries = os.listdir(path)
-    if entries and not _is_model_dir(path, entries):
+    foreign = foreign_entries(path)
+    if foreign:
       raise ConversionError(
-          f'--dst {shown} is a non-empty directory that is not a converted model (only '
-          f'{checkpoints.CONFIG_NAME} and {checkpoints.PARAMS_NAME}/); it holds '
-          f'{reader.listing(sorted(entries))}; pass --overwrite to replace it')
+          f"--dst {shown} is a non-empty directory that is not a converter's output (what "
+          f'its {MARKER_NAME} lists); it holds {reader.listing(foreign)}; pass --overwrite to '
+          'replace it')
   return path
 
 
+def _value_difference(expected: Any, actual: Any) -> Optional[str]:
+  """The first leaf whose dtype or bytes differ between two trees of the same structure."""
+  flat = lambda tree: dict((jax.tree_util.keystr(path), leaf) for path, leaf
+                           in jax.tree_util.tree_flatten_with_path(tree)[0])
+  have = flat(actual)
+  for key, want in flat(expected).items():
+    want, got = np.ascontiguousarray(want), np.ascontiguousarray(have[key])
+    if want.dtype != got.dtype:
+      return f'{key} has dtype {got.dtype}, expected {want.dtype}'
+    if not np.array_equal(want.reshape(-1).view(np.uint8), got.reshape(-1).view(np.uint8)):
+      return f'{key} holds other values'
+  return None
+
+
+def check_loads(directory: str, params: Any, load: Callable[[str], Any], shown: str) -> None:
+  """Loads a written model with the project's loader; it must give back ``params`` exactly.
+
+  Args:
+    directory: the written model directory.
+    params: the tree that was written.
+    load: ``directory -> params tree``, the project's loader of this family.
+    shown: how to name the destination in errors.
+
+  Raises:
+    ConversionError: the loader fails, or its tree differs in keys, shapes, dtypes or bytes.
+  """
+  try:
+    loaded = load(directory)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConversionError(f'--dst {shown}: the written model does not load ({type(e).__name__}: '
+                          f'{reader.one_line(str(e), 300)})') from None
+  problem = checkpoints.tree_difference(params, loaded) or _value_difference(params, loaded)
+  if problem:
+    raise ConversionError(f'--dst {shown}: the written model loads back different from the '
+                          f'conversion ({problem})')
+
+
 def write_model(dst: str, params: Any, config: dict, sources: Sequence[str],
-                overwrite: bool = False) -> None:
-  """Writes a model directory atomically, removing on error only what it wrote.
+                load: Callable[[str], Any], overwrite: bool = False) -> None:
+  """Writes a model directory atomically, checked by loading it; on error removes only what it wrote.
 
   The model is saved into a temporary sibling of ``dst`` (missing parents are made
-  first), then renamed into place; a previous ``dst`` (allowed by :func:`check_dst`,
-  checked again here) is moved aside first and deleted only once the new one is in
-  place.
+  first) with its ``MARKER_NAME``, loaded back with ``load`` and compared with
+  ``params`` (:func:`check_loads`), then renamed into place; a previous ``dst``
+  (allowed by :func:`check_dst`, checked again here) is moved aside first and deleted
+  only once the new one is in place.
+
+  Args:
+    dst: the ``--dst`` value.
+    params: the converted tree.
+    config: its architecture config (JSON).
+    sources: the input files (``dst`` may not contain them).
+    load: ``directory -> params tree``, the project's loader of this family.
+    overwrite: allow replacing a directory that is not a converter's output.
   """
   path = check_dst(dst, sources, overwrite)
   made = []
@@ -272,11 +393,14 @@ def write_model(dst: str, params: Any, config: dict, sources: Sequence[str],
     for directory in reversed(made):
       os.mkdir(directory)
     tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(path)}.tmp-', dir=os.path.dirname(path))
-    checkpoints.save_model(os.path.join(tmp, 'model'), params, config)
+    written = os.path.join(tmp, 'model')
+    checkpoints.save_model(written, params, config)
+    _write_marker(written, config.get('family', ''))
+    check_loads(written, params, load, reader.label(dst, 200))
     if os.path.lexists(path):
       old = os.path.join(tmp, 'previous')
       os.rename(path, old)
-    os.rename(os.path.join(tmp, 'model'), path)
+    os.rename(written, path)
   except BaseException as e:
     if old is not None and not os.path.lexists(path):
       os.rename(old, path)
@@ -312,21 +436,28 @@ def nonfinite_warning(params: Any, source: str) -> Optional[str]:
 
 
 def run(convert: Callable[[], tuple[Any, dict, str]], dst: Optional[str],
-        sources: Sequence[str], overwrite: bool = False) -> None:
+        sources: Sequence[str], load: Callable[[str], Any], overwrite: bool = False) -> None:
   """The body of every converter's ``main`` (inside ``reader.main_guard``).
 
   Checks ``--dst`` before anything is read; ``convert()`` reads, checks and returns
-  ``(params, config, summary line)``; non-finite weights get one ``warning:`` line on
-  stderr; the model is written atomically; the summary line goes to stdout.
+  ``(params, config, summary line)``; the model is written atomically and checked by
+  loading it with ``load`` (:func:`write_model`). Python warnings raised meanwhile
+  (numpy's RuntimeWarnings on extreme values) are captured: after a refusal only the
+  ``error:`` line is printed; after a success each distinct RuntimeWarning is one
+  escaped ``warning:`` line on stderr, as is the list of non-finite weights. The
+  summary line goes to stdout, escaped.
 
   Raises:
     CheckpointError: any refusal (printed by ``main_guard`` as one ``error:`` line).
   """
   logging.set_verbosity(logging.WARNING)  # absl INFO lines (orbax, jax) would precede ours
   check_dst(dst, sources, overwrite)
-  params, config, line = convert()
-  warning = nonfinite_warning(params, ', '.join(sources))
-  if warning:
-    print(reader.one_line(warning), file=sys.stderr)
-  write_model(dst, params, config, sources, overwrite)
-  print(line)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('default')
+    params, config, line = convert()
+    write_model(dst, params, config, sources, load, overwrite)
+  notes = [nonfinite_warning(params, ', '.join(sources))] + list(dict.fromkeys(
+      f'warning: {w.message}' for w in caught if issubclass(w.category, RuntimeWarning)))
+  for note in filter(None, notes):
+    print(reader.one_line(note), file=sys.stderr)
+  print(reader.one_line(line))

@@ -28,7 +28,9 @@ import numpy as np
 from checkpoints_convert import common
 from checkpoints_convert.common import ConversionError, Rule
 from checkpoints_convert.reader import main_guard, read_state_dict
+from isir_jax import checkpoints
 from isir_jax import discriminator as dg
+from isir_jax.train import trainers
 
 # ADM's create_classifier: channel multipliers per image size.
 CHANNEL_MULT = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4),
@@ -361,12 +363,23 @@ def convert_files(classifier: str, discriminator: Optional[str], arch: Arch,
       f'time map {config["time_map"]}')
 
 
+def load(directory: str) -> dict:
+  """The params of a written model, as the project's loaders load them.
+
+  A discriminator through ``isir_jax.discriminator.load_discriminator``; a classifier
+  alone through ``isir_jax.train.trainers.load_classifier``.
+  """
+  if checkpoints.load_config(directory).get('family') == dg.CLASSIFIER_FAMILY:
+    return trainers.load_classifier(directory)[1]
+  return dg.load_discriminator(directory).params
+
+
 @main_guard
 def main(argv):
   del argv
   sources = [p for p in (FLAGS.classifier, FLAGS.discriminator) if p]
   common.run(lambda: convert_files(FLAGS.classifier, FLAGS.discriminator, _arch_from_flags(),
-                                   FLAGS.dst), FLAGS.dst, sources, FLAGS.overwrite)
+                                   FLAGS.dst), FLAGS.dst, sources, load, FLAGS.overwrite)
 
 
 if __name__ == '__main__':

@@ -29,6 +29,7 @@ from checkpoints_convert import reader
 from checkpoints_convert.common import ConversionError, Rule
 from checkpoints_convert.reader import (ModuleRecord, get_network, main_guard,
                                         read_network_pickle)
+from isir_jax import denoiser
 from isir_jax.networks import layers
 from isir_jax.networks import precond
 
@@ -41,6 +42,8 @@ _PRECOND_FIELDS = {
     'EDMPrecond': ('sigma_min', 'sigma_max', 'sigma_data'),
 }
 _SHARED_FIELDS = ('img_resolution', 'img_channels', 'label_dim')
+# Longer lists than any rule allows are not copied (their rule refuses them).
+_MAX_LIST = 16
 _SIGMA = Rule(float, 0, math.inf)
 # Type and range of every architecture value a file may carry. The bounds keep
 # jax.eval_shape's tracing small (it grows with levels and blocks, not with widths).
@@ -70,13 +73,19 @@ def _bare(class_name: str) -> str:
   return class_name.rsplit('.', 1)[-1]
 
 
+def _scalar(value):
+  return value.item() if isinstance(value, np.generic) else value
+
+
 def _plain(value):
-  """Numbers, strings and (nested) lists only, so that the config is JSON."""
-  if isinstance(value, (list, tuple)):
-    return [_plain(v) for v in value]
-  if isinstance(value, np.generic):
-    return value.item()
-  return value
+  """A config value as JSON: numpy scalars become numbers, a list of them a list.
+
+  One level only: every architecture value is a scalar or a list of scalars, and a
+  nested (perhaps shared, deep) structure is left as it is, for its rule to refuse.
+  """
+  if isinstance(value, (list, tuple)) and len(value) <= _MAX_LIST:
+    return [_scalar(v) for v in value]
+  return _scalar(value)
 
 
 def module_config(net: ModuleRecord, path: str) -> dict:
@@ -146,7 +155,7 @@ def flax_variables(state_dict: dict[str, np.ndarray],
       else:
         path.append(part)
     value = np.asarray(value, np.float32)
-    if leaf in ('resample_filter', 'u'):
+    if (leaf == 'resample_filter' and path) or key == 'u':
       computed[key] = value
       continue
     if leaf == 'freqs':
@@ -199,7 +208,10 @@ def check_computed(module, config: dict, computed: dict, net: ModuleRecord, what
       if (value.shape[-2:] != kernel.shape or value.size != kernel.size
           or not np.allclose(value.reshape(kernel.shape), kernel)):
         raise ConversionError(f'{what}: {key} differs from resample_filter={taps}')
-    elif key == 'u':
+    elif getattr(module, 'u', None) is None:
+      raise ConversionError(f'{what}: unexpected buffer u with shape {value.shape} '
+                            f'({type(module).__name__} has no discrete noise levels)')
+    else:
       u = module.u
       if value.shape != u.shape:
         raise ConversionError(f'{what}: iDDPM levels u have shape {value.shape}, expected '
@@ -242,6 +254,11 @@ def summary(variables: dict, config: dict) -> str:
           f"{m['kwargs']['img_resolution']}, label_dim {m['kwargs']['label_dim']}")
 
 
+def load(directory: str) -> dict:
+  """The variables of a written model, as ``isir_jax.denoiser.load_denoiser`` loads them."""
+  return denoiser.load_denoiser(directory).params
+
+
 FLAGS = flags.FLAGS
 
 
@@ -261,7 +278,7 @@ def main(argv):
     variables, config = convert(FLAGS.src)
     return variables, config, f'{summary(variables, config)} -> {FLAGS.dst}'
 
-  common.run(run, FLAGS.dst, [FLAGS.src], FLAGS.overwrite)
+  common.run(run, FLAGS.dst, [FLAGS.src], load, FLAGS.overwrite)
 
 
 if __name__ == '__main__':

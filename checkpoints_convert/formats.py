@@ -4,15 +4,16 @@
   torch.save of one storage (``torch.storage._load_from_bytes``, :func:`_storage_blob`;
   a blob may not hold blobs).
 * Zip archives hold ``ARCHIVE/data.pkl`` plus one stored (uncompressed) record per
-  storage (:func:`_read_zip`).
+  storage (:func:`_read_zip`); records may not overlap, and a storage is a view of its
+  record's bytes in the file (nothing is copied).
 * Legacy streams are a magic number, protocol version, sys info, the object pickle,
   the storage keys, then the raw storages (:func:`_read_legacy`).
 
-Every storage is charged to the read's budget before its bytes are used.
+The whole file is in memory (``reader`` reads it once). Every storage is charged to the
+read's budget before its bytes are used.
 """
 
 import io
-import mmap
 import zipfile
 from typing import Any
 
@@ -136,70 +137,91 @@ def _read_legacy(raw: bytes, load: _Load, where: str, blobs: bool = True) -> Any
   return result
 
 
-def _read_record(archive: zipfile.ZipFile, name: str, load: _Load) -> bytes:
-  """One stored (uncompressed, as torch writes them) record of a zip archive."""
-  try:
-    info = archive.getinfo(name)
-  except KeyError:
-    raise load.fail(f'zip record {label(name)} is missing') from None
-  if info.compress_type != zipfile.ZIP_STORED:
+def _record_ranges(archive: zipfile.ZipFile, data: bytes, load: _Load) -> dict[str, range]:
+  """Record name -> the byte range of its data in the file, for every record of the archive.
+
+  Ranges are found from each record's local header, must lie inside the file and may
+  not overlap (torch writes them one after another): a storage is then a view of the
+  file's bytes, and no two records share one.
+  """
+  ranges = {}
+  for info in archive.infolist():
+    start = info.header_offset
+    header = data[start:start + 30]
+    if len(header) < 30 or header[:4] != b'PK\x03\x04':
+      raise load.fail(f'zip record {label(info.filename)} has no local header')
+    begin = start + 30 + int.from_bytes(header[26:28], 'little') + int.from_bytes(
+        header[28:30], 'little')
+    if begin + info.compress_size > len(data):
+      raise load.fail(f'zip record {label(info.filename)} reaches past the end of the file')
+    ranges[info.filename] = range(begin, begin + info.compress_size)
+  spans = sorted((archive.getinfo(n).header_offset, r.stop, n) for n, r in ranges.items())
+  for (_, stop, name), (start, _, other) in zip(spans, spans[1:]):
+    if start < stop:
+      raise load.fail(f'zip records {label(name)} and {label(other)} overlap')
+  return ranges
+
+
+def _read_record(archive: zipfile.ZipFile, ranges: dict[str, range], name: str,
+                 load: _Load) -> range:
+  """The byte range of one stored (uncompressed, as torch writes them) record."""
+  if name not in ranges:
+    raise load.fail(f'zip record {label(name)} is missing')
+  if archive.getinfo(name).compress_type != zipfile.ZIP_STORED:
     raise load.fail(f'zip record {label(name)} is compressed; torch.save stores records '
                     'uncompressed')
-  if info.file_size > load.file_bytes:
-    raise load.fail(f'zip record {label(name)} claims {info.file_size} bytes, more than the file')
-  return archive.read(info)
+  return ranges[name]
 
 
-def _read_zip(load: _Load) -> Any:
-  """Reads a zip-format torch.save archive."""
+def _read_zip(load: _Load, data: bytes) -> Any:
+  """Reads a zip-format torch.save archive (the whole file, in memory)."""
   path = load.path
   try:
-    archive = zipfile.ZipFile(path)
+    archive = zipfile.ZipFile(io.BytesIO(data))
   except (zipfile.BadZipFile, OSError) as e:
     raise load.fail(f'truncated or corrupt zip archive ({one_line(_detail(e), 200)})') from None
   with archive:
-    names = archive.namelist()
-    pickles = [n for n in names if n.endswith('data.pkl') and n.count('/') == 1]
+    load.copy(len(archive.filelist))
+    ranges = _record_ranges(archive, data, load)
+    pickles = [n for n in ranges if n.endswith('data.pkl') and n.count('/') == 1]
     if len(pickles) != 1:
       raise load.fail('zip archive is not a torch.save file (no */data.pkl)')
     prefix = pickles[0][:-len('data.pkl')]
     big_endian = False
-    if prefix + 'byteorder' in names:
-      big_endian = _read_record(archive, prefix + 'byteorder', load).strip() == b'big'
+    if prefix + 'byteorder' in ranges:
+      order = _read_record(archive, ranges, prefix + 'byteorder', load)
+      big_endian = data[order.start:order.stop].strip() == b'big'
     storages = {}
 
     def persistent_load(pid):
       key, storage_type, numel, _ = _storage_from_id(pid, path)
       if key not in storages:
         dtype = _with_byteorder(storage_type.dtype, big_endian)
-        blob = _read_record(archive, f'{prefix}data/{key}', load)
+        record = _read_record(archive, ranges, f'{prefix}data/{key}', load)
         nbytes = numel * dtype.itemsize
-        if len(blob) < nbytes:
-          raise load.fail(f'storage record data/{label(key)} holds {len(blob)} bytes, '
+        if len(record) < nbytes:
+          raise load.fail(f'storage record data/{label(key)} holds {len(record)} bytes, '
                           f'{nbytes} expected')
         load.add_storage(nbytes)
         storages[key] = _Storage(dtype, numel, storage_type.bfloat16,
-                                 np.frombuffer(blob, np.uint8, nbytes))
+                                 np.frombuffer(data, np.uint8, nbytes, record.start))
       return storages[key]
 
-    stream = io.BytesIO(_read_record(archive, pickles[0], load))
+    pickle_range = _read_record(archive, ranges, pickles[0], load)
+    stream = io.BytesIO(data[pickle_range.start:pickle_range.stop])
     return _unpickler(stream, load, path, persistent_load).load()
 
 
-def _read_any(load: _Load) -> Any:
-  """Reads a pickle or torch.save file (zip or legacy) into plain data."""
-  path = load.path
-  with open(path, 'rb') as f:
-    head = f.read(512)
-    if head[:4] == b'PK\x03\x04':
-      return _read_zip(load)
-    if head[257:262] == b'ustar':
-      raise load.fail('legacy tar-format torch.save files are not supported')
-    if not head:
-      raise load.fail('empty file (not a pickle)')
-    # Unpickle from a map of the file: a multi-GB network pickle is not held twice.
-    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-      first = _unpickler(data, load, path).load()
-      if type(first) is int and first == _LEGACY_MAGIC:
-        return _read_legacy(data[:], load, path)
-      return first
+def _read_any(load: _Load, data: bytes) -> Any:
+  """Reads a pickle or torch.save file (zip or legacy), held in memory, into plain data."""
+  head = data[:512]
+  if head[:4] == b'PK\x03\x04':
+    return _read_zip(load, data)
+  if head[257:262] == b'ustar':
+    raise load.fail('legacy tar-format torch.save files are not supported')
+  if not head:
+    raise load.fail('empty file (not a pickle)')
+  first = _unpickler(io.BytesIO(data), load, load.path).load()
+  if type(first) is int and first == _LEGACY_MAGIC:
+    return _read_legacy(data, load, load.path)
+  return first

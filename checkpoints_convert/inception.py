@@ -23,7 +23,7 @@ import numpy as np
 
 from checkpoints_convert import common
 from checkpoints_convert.reader import main_guard, read_state_dict
-from isir_jax.fid import FAMILY
+from isir_jax.fid import FAMILY, InceptionFID
 from isir_jax.networks.inception import InceptionV3FID
 
 # BatchNorm's step counter carries no weights; the file may or may not hold it.
@@ -102,7 +102,12 @@ def convert_file(src: str, dst: str, width_divisor: int = 1, overwrite: bool = F
   """
   common.check_dst(dst, [src], overwrite)
   variables, config = _read_and_convert(src, width_divisor)
-  common.write_model(dst, variables, config, [src], overwrite)
+  common.write_model(dst, variables, config, [src], load, overwrite)
+
+
+def load(directory: str) -> dict:
+  """The variables of a written model, as ``isir_jax.fid.InceptionFID.load`` loads them."""
+  return InceptionFID.load(directory).variables
 
 
 FLAGS = flags.FLAGS
@@ -119,7 +124,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   common.run(lambda: (*_read_and_convert(FLAGS.src, 1), f'wrote {FLAGS.dst}'), FLAGS.dst,
-             [FLAGS.src], FLAGS.overwrite)
+             [FLAGS.src], load, FLAGS.overwrite)
 
 
 if __name__ == '__main__':

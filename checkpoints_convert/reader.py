@@ -22,11 +22,15 @@ What the reader guarantees, whatever the file holds (each in one place):
   storage plus ``(offset, size, stride)`` into an array; it checks every bound with
   Python integers before touching a byte.
 * Work and memory are bounded by the file (``budget._Load``, every cap in
-  ``budget``): storages may not claim more bytes than the file has; tensors may not
-  materialise more than ``_TENSOR_BYTES_PER_STORAGE_BYTE`` times the storage bytes
-  (plus 1 MiB); pickle operations and memo indices are capped; dict keys and set
-  members are strings or 64-bit ints (``standins._key``: no hash bombs); walks over
-  the result are memoised and depth-capped (``records``).
+  ``budget``): one budget for the whole read charges every byte read from a pickle
+  stream, every operation, copy, parsed integer and tensor, and stops the read past a
+  small multiple of the file size; storages may not claim more bytes than the file
+  has; dict keys and set members are strings or 64-bit ints (``standins._key``: no
+  hash bombs); walks over the result are memoised and depth-capped (``records``).
+  The file is read into memory first, so a file changed while it is read cannot crash
+  the reader.
+* Tensor names are identifiers joined by dots, none both a tensor and a parent
+  (``records.check_names``), so that a converted tree can be written and loaded.
 * Errors are one line: :class:`CheckpointError`, file values rendered with a
   bounded ``repr`` (:func:`brief`, :func:`label`), never a whole structure.
 
@@ -42,6 +46,7 @@ modules; converters and tests import from here only.
 import functools
 import os
 import pickle
+import stat
 import sys
 from typing import Any, Callable
 
@@ -50,11 +55,24 @@ import numpy as np
 from checkpoints_convert.budget import _Load
 from checkpoints_convert.errors import CheckpointError, _detail, brief, label, listing, one_line
 from checkpoints_convert.formats import _read_any
-from checkpoints_convert.records import ModuleRecord, _finish
+from checkpoints_convert.records import ModuleRecord, _finish, check_names
 
 __all__ = ['CheckpointError', 'ModuleRecord', 'brief', 'label', 'listing', 'one_line',
            'read_checkpoint', 'read_network_pickle', 'get_network', 'read_state_dict',
            'main_guard']
+
+
+def _read_file(path: str) -> bytes:
+  """The whole file, read once (never mapped: a file cut while it is read cannot crash us)."""
+  try:
+    with open(path, 'rb') as f:
+      if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        raise CheckpointError(f'{path}: not a regular file')
+      return f.read(os.fstat(f.fileno()).st_size)
+  except (FileNotFoundError, NotADirectoryError):
+    raise CheckpointError(f'{path}: no such file') from None
+  except OSError as e:
+    raise CheckpointError(f'{path}: cannot read it ({e.strerror or type(e).__name__})') from None
 
 
 def read_checkpoint(path: str) -> Any:
@@ -70,11 +88,10 @@ def read_checkpoint(path: str) -> Any:
     CheckpointError: the file is missing, truncated, not a pickle, refers to a
       global outside the allowlist, or breaks a bound (see the module docstring).
   """
-  if not os.path.isfile(path):
-    raise CheckpointError(f'{path}: no such file')
   try:
-    load = _Load(path, os.path.getsize(path))
-    return _finish(_read_any(load), load)
+    data = _read_file(path)
+    load = _Load(path, len(data))
+    return _finish(_read_any(load, data), load)
   except CheckpointError as e:
     raise CheckpointError(one_line(str(e))) from None
   except (pickle.UnpicklingError, EOFError) as e:
@@ -138,8 +155,9 @@ def read_state_dict(path: str, key: str | None = None) -> dict[str, np.ndarray]:
     ``{name: array}`` in file order.
 
   Raises:
-    CheckpointError: unreadable file, refused global, or not a flat mapping of string
-      names to tensors (the message lists the top-level keys to choose from).
+    CheckpointError: unreadable file, refused global, not a flat mapping of string
+      names to tensors (the message lists the top-level keys to choose from), or a name
+      that is not identifiers joined by dots (``records.check_names``).
   """
   data = read_checkpoint(path)
   if key is not None:
@@ -158,14 +176,17 @@ def read_state_dict(path: str, key: str | None = None) -> dict[str, np.ndarray]:
       hint = f'; choose one of {listing(nested)} with key=' if nested and key is None else ''
       raise CheckpointError(f'{path}: not a flat state dict (entry {brief(name)} is a '
                             f'{type(value).__name__}, not a tensor{hint})')
+  check_names(data, lambda message: CheckpointError(f'{path}: {message}'))
   return dict(data)
 
 
 def main_guard(main: Callable[..., Any]) -> Callable[..., Any]:
   """Decorates a converter's ``main`` to turn CheckpointError into a clean exit.
 
-  The error prints as one line ``error: <message>`` on stderr (control characters
-  escaped, length bounded), and the process exits with status 2, without a traceback.
+  The error prints as one line ``error: <message>`` on stderr (control characters and
+  undecodable bytes escaped, length bounded), and the process exits with status 2,
+  without a traceback. Any other exception ends the same way, named by its type, so
+  that no input reaches the user as a traceback.
   """
 
   @functools.wraps(main)
@@ -173,7 +194,10 @@ def main_guard(main: Callable[..., Any]) -> Callable[..., Any]:
     try:
       return main(*args, **kwargs)
     except CheckpointError as e:
-      print(f'error: {one_line(str(e), 2000)}', file=sys.stderr)
-      sys.exit(2)
+      message = str(e)
+    except Exception as e:  # pylint: disable=broad-except
+      message = f'{type(e).__name__}: {_detail(e) or "(no message)"}'
+    print(f'error: {one_line(message, 2000)}', file=sys.stderr)
+    sys.exit(2)
 
   return guarded

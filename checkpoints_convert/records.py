@@ -1,16 +1,79 @@
 """What a read returns: :class:`ModuleRecord`, and the walks that finish a read.
 
-The walks (:func:`_to_python`, :func:`_finish`) visit shared parts once and refuse
-nesting deeper than ``_MAX_DEPTH``.
+The walks (:func:`_to_python`, :func:`_finish`, :meth:`ModuleRecord.state_dict`) visit
+shared parts once, charge what they copy to the read's budget and refuse nesting deeper
+than ``_MAX_DEPTH``. Module state is checked once the whole file is read (a pickle may
+change it through its memo after creating the module); tensor names by
+:func:`check_names`.
 """
 
-from typing import Any
+import re
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from checkpoints_convert.budget import _Load, _MAX_DEPTH
 from checkpoints_convert.errors import CheckpointError, brief, label, listing
 from checkpoints_convert.tensors import _PendingTensor
+
+
+# A tensor name: parts of letters, digits and '_', joined by dots, bounded in number and length.
+_NAME_PART = re.compile(r'[A-Za-z0-9_]{1,64}')
+_MAX_NAME_PARTS = 32
+_MAX_NAME_CHARS = 512
+
+
+def _name_problem(name: str) -> str | None:
+  parts = name.split('.')
+  if len(parts) > _MAX_NAME_PARTS or len(name) > _MAX_NAME_CHARS:
+    return (f'has more than {_MAX_NAME_PARTS} parts or {_MAX_NAME_CHARS} characters')
+  if not all(_NAME_PART.fullmatch(p) for p in parts):
+    return ("is not identifiers joined by dots (letters, digits and '_', no empty part, "
+            'at most 64 characters each)')
+  return None
+
+
+def check_names(names: Iterable[str], fail: Callable[[str], Exception]) -> None:
+  """Refuses a tensor name that is not identifiers joined by dots, or that is also a parent.
+
+  Names become paths of nested dicts (Flax trees, orbax files): a part with a ``/``, an
+  empty part, a name that is both a tensor and the parent of another (``bias`` and
+  ``bias.bias``) or a name thousands of parts deep would write a model that does not
+  load, or crash the writer.
+
+  Args:
+    names: the dotted names (strings; anything else is refused).
+    fail: message -> the exception to raise.
+  """
+  names = list(names)
+  parents = set()
+  for name in names:
+    if not isinstance(name, str):
+      raise fail(f'tensor name {brief(name)} is a {type(name).__name__}, not a string')
+    problem = _name_problem(name)
+    if problem:
+      raise fail(f'tensor name {label(name, 200)} {problem}')
+    parts = name.split('.')
+    parents.update('.'.join(parts[:i]) for i in range(1, len(parts)))
+  for name in names:
+    if name in parents:
+      raise fail(f'tensor name {label(name)} is also the parent of other tensors '
+                 f'(e.g. {label(next(n for n in names if n.startswith(name + ".")))})')
+
+
+def _check_module_state(class_name: str, state: Any) -> dict:
+  """A module ``__dict__`` whose torch bookkeeping fields are dicts (not copied)."""
+  if not isinstance(state, dict):
+    raise ValueError(f'{label(class_name)} state is a {type(state).__name__}, not a dict')
+  for field in ('_parameters', '_buffers', '_modules'):
+    if not isinstance(state.get(field, {}), dict):
+      raise ValueError(f'{label(class_name)}.{field} is a {type(state[field]).__name__}, '
+                       'not a dict')
+  skipped = state.get('_non_persistent_buffers_set') or set()
+  if not isinstance(skipped, (set, frozenset)):
+    raise ValueError(f'{label(class_name)}._non_persistent_buffers_set is a '
+                     f'{type(skipped).__name__}, not a set')
+  return state
 
 
 class ModuleRecord:
@@ -52,8 +115,10 @@ class ModuleRecord:
       ``None`` parameters/buffers and non-persistent buffers are skipped.
 
     Raises:
-      CheckpointError: a name that is not a string, a value that is not a tensor, or a
-        module that contains itself, is shared by two parents or nests too deep.
+      CheckpointError: a name that is not a string or not an identifier (see
+        :func:`check_names`), a tensor and a module of the same name, a value that is not
+        a tensor, or a module that contains itself, is shared by two parents or nests
+        too deep.
     """
     out, seen = {}, set()
 
@@ -72,10 +137,17 @@ class ModuleRecord:
                          f'{type(skipped).__name__}, not a set')
       tensors = [*(state.get('_parameters') or {}).items(),
                  *((k, v) for k, v in (state.get('_buffers') or {}).items() if k not in skipped)]
-      for name, value in [*tensors, *(state.get('_modules') or {}).items()]:
+      modules = state.get('_modules') or {}
+      tensor_names = {name for name, _ in tensors if isinstance(name, str)}
+      for name, value in [*tensors, *modules.items()]:
         if not isinstance(name, str):
           raise self._fail(f'name {brief(name)} in {label(prefix[:-1] or record.class_name)} is '
                            f'a {type(name).__name__}, not a string')
+        if not _NAME_PART.fullmatch(name):
+          raise self._fail(f'name {label(name)} in {label(prefix[:-1] or record.class_name)} is '
+                           "not an identifier (1 to 64 letters, digits and '_')")
+        if name in modules and name in tensor_names:
+          raise self._fail(f'{label(prefix + name)} is both a tensor and a module')
       for name, value in tensors:
         if value is not None and not isinstance(value, np.ndarray):
           raise self._fail(f'{label(prefix + name)} of {label(record.class_name)} is a '
@@ -87,6 +159,7 @@ class ModuleRecord:
           visit(child, f'{prefix}{name}.', parents | {id(record)})
 
     visit(self, '', frozenset())
+    check_names(out, self._fail)
     return out
 
   def submodule(self, dotted: str) -> 'ModuleRecord':
@@ -103,7 +176,10 @@ class ModuleRecord:
 
 
 def _to_python(value: Any, load: _Load, depth: int = 0) -> Any:
-  """Turns numpy scalars into Python numbers, recursively through containers."""
+  """Turns numpy scalars into Python numbers, recursively through containers.
+
+  Each container is copied once per read (``load.python_memo``), and charged.
+  """
   if id(value) in load.python_memo:
     return load.python_memo[id(value)][1]
   if depth > _MAX_DEPTH:
@@ -111,8 +187,10 @@ def _to_python(value: Any, load: _Load, depth: int = 0) -> Any:
   if isinstance(value, np.generic):
     result = value.item()
   elif isinstance(value, dict):
+    load.copy(len(value))
     result = {k: _to_python(v, load, depth + 1) for k, v in value.items()}
   elif isinstance(value, (list, tuple)):
+    load.copy(len(value))
     result = type(value)(_to_python(v, load, depth + 1) for v in value)
   else:
     result = value
@@ -120,11 +198,23 @@ def _to_python(value: Any, load: _Load, depth: int = 0) -> Any:
   return result
 
 
-def _finish(obj: Any, load: _Load, depth: int = 0) -> Any:
-  """Builds every _PendingTensor and tags every ModuleRecord with its file, in place.
+def _as_tuple(value: list | tuple, load: _Load) -> tuple:
+  """The tuple of a list made by :func:`_to_python`, made once per list and charged."""
+  if type(value) is tuple:
+    return value
+  if id(value) not in load.tuple_memo:
+    load.copy(len(value))
+    load.tuple_memo[id(value)] = (value, tuple(value))
+  return load.tuple_memo[id(value)][1]
 
-  Shared sub-structures are visited once (``load.finish_memo`` keeps the originals
-  alive while their ids are keys); nesting deeper than ``_MAX_DEPTH`` is refused.
+
+def _finish(obj: Any, load: _Load, depth: int = 0) -> Any:
+  """Builds every _PendingTensor, checks and tags every ModuleRecord, in place.
+
+  Runs once the whole file is read, so a module's state is checked as it will be used
+  (not as it was when created). Shared sub-structures are visited once
+  (``load.finish_memo`` keeps the originals alive while their ids are keys) and every
+  container is charged to the budget; nesting deeper than ``_MAX_DEPTH`` is refused.
   """
   memo = load.finish_memo
   if id(obj) in memo:
@@ -134,7 +224,9 @@ def _finish(obj: Any, load: _Load, depth: int = 0) -> Any:
   memo[id(obj)] = (obj, obj)
   if isinstance(obj, _PendingTensor):
     memo[id(obj)] = (obj, obj.build())
-  elif isinstance(obj, dict):
+  elif isinstance(obj, (dict, list, tuple, set, frozenset)):
+    load.copy(len(obj))
+  if isinstance(obj, dict):
     for key, value in obj.items():
       obj[key] = _finish(value, load, depth + 1)
   elif isinstance(obj, list):
@@ -145,4 +237,8 @@ def _finish(obj: Any, load: _Load, depth: int = 0) -> Any:
     obj.source = load.path
     for name in ('state', 'init_kwargs', 'init_args'):
       setattr(obj, name, _finish(getattr(obj, name), load, depth + 1))
+    try:
+      _check_module_state(obj.class_name, obj.state)
+    except ValueError as e:
+      raise load.fail(str(e)) from None
   return memo[id(obj)][1]

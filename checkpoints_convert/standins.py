@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from checkpoints_convert.errors import brief, label
-from checkpoints_convert.records import ModuleRecord
+from checkpoints_convert.errors import brief
+from checkpoints_convert.records import ModuleRecord, _check_module_state
 from checkpoints_convert.tensors import _NUMERIC_KINDS
 
 
@@ -110,17 +110,6 @@ def _numpy_scalar(dtype, data=None):
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
   del requires_grad, backward_hooks, state
   return data
-
-
-def _check_module_state(class_name: str, state: Any) -> dict:
-  """A module ``__dict__`` whose torch bookkeeping fields are dicts (not copied)."""
-  if not isinstance(state, dict):
-    raise ValueError(f'{label(class_name)} state is a {type(state).__name__}, not a dict')
-  for field in ('_parameters', '_buffers', '_modules'):
-    if not isinstance(state.get(field, {}), dict):
-      raise ValueError(f'{label(class_name)}.{field} is a {type(state[field]).__name__}, '
-                       'not a dict')
-  return state
 
 
 def _torch_module_class(qualified: str) -> type:

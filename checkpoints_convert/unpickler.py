@@ -3,21 +3,21 @@
 :class:`_Unpickler` resolves globals only through an allowlist, each to a stand-in made
 for this read (the tensor rebuilders and EDM's persistent objects are its own methods;
 the rest come from :mod:`standins` and :mod:`tensors`); calls only those; sets state
-only on objects it created for that, once; and counts every operation against the
-read's cap (:class:`budget._Load`).
+only on objects it created for that, once; and charges every operation, every byte it
+reads and every copy it makes to the read's budget (:class:`budget._Load`).
 """
 
 import pickle
 import re
+import sys
 from typing import Any, Callable
 
-from checkpoints_convert.budget import _Load, _MAX_OPS
+from checkpoints_convert.budget import _Load, _MAX_MEMO
 from checkpoints_convert.errors import CheckpointError, brief, label
-from checkpoints_convert.records import ModuleRecord, _to_python
+from checkpoints_convert.records import ModuleRecord, _as_tuple, _check_module_state, _to_python
 from checkpoints_convert.standins import (_EasyDict, _NumpyDType, _OrderedDict,
-                                          _check_module_state, _checked_members, _frozenset,
-                                          _key, _numpy_scalar, _rebuild_parameter, _set,
-                                          _torch_module_class)
+                                          _checked_members, _frozenset, _key, _numpy_scalar,
+                                          _rebuild_parameter, _set, _torch_module_class)
 from checkpoints_convert.tensors import (_STORAGE_DTYPES, _TORCH_DTYPES, _TorchDType,
                                          _storage_type, _tensor, _torch_dtype)
 
@@ -42,18 +42,31 @@ class _Exact:
   """A file whose reads return exactly the bytes asked for, or fail as truncated.
 
   Never allocates more than is there: a huge length read from the file only reads
-  what remains, then fails.
+  what remains, then fails. Every byte read is charged to the read's budget.
   """
 
-  def __init__(self, file):
+  def __init__(self, file, load: _Load):
     self.file = file
-    self.readline = file.readline
+    self.load = load
 
   def read(self, n: int) -> bytes:
+    if n > sys.maxsize:
+      raise pickle.UnpicklingError('pickle data was truncated')
     data = self.file.read(n)
     if len(data) != n:
       raise pickle.UnpicklingError('pickle data was truncated')
+    self.load.charge(n)
     return data
+
+  def readline(self) -> bytes:
+    line = self.file.readline()
+    self.load.charge(len(line))
+    return line
+
+
+def _sized(value: Any) -> int:
+  """Elements an allowlisted callable may copy out of ``value`` (0 for a scalar)."""
+  return len(value) if isinstance(value, (list, tuple, dict, set, frozenset)) else 0
 
 
 class _Unpickler(pickle._Unpickler):  # pylint: disable=protected-access
@@ -65,7 +78,8 @@ class _Unpickler(pickle._Unpickler):  # pylint: disable=protected-access
     else is refused;
   * dict keys and set members are checked by :func:`_key` before they are hashed;
   * APPEND(S)/SETITEM(S)/ADDITEMS act only on lists/dicts/sets;
-  * every operation counts against the read's cap; memo indices stay below it.
+  * every operation, byte read, decimal digit parsed and element copied is charged to
+    the read's budget; memo indices stay below ``_MAX_MEMO``.
 
   Args:
     file: the pickle stream.
@@ -79,7 +93,8 @@ class _Unpickler(pickle._Unpickler):  # pylint: disable=protected-access
   dispatch = dict(pickle._Unpickler.dispatch)  # pylint: disable=protected-access
 
   def __init__(self, file, load: _Load, where: str, persistent_load=None, load_blob=None):
-    super().__init__(_Exact(file))
+    load.add_unpickler()
+    super().__init__(_Exact(file, load))
     self._load = load
     self._where = where
     self._persistent = persistent_load
@@ -115,11 +130,13 @@ class _Unpickler(pickle._Unpickler):  # pylint: disable=protected-access
     return CheckpointError(f'{self._where}: {message}')
 
   def find_class(self, module: str, name: str) -> Any:
+    self._load.charge(len(module) + len(name))   # the qualified name made below
     qualified = f'{module}.{name}'
     if qualified in self._globals:
       return self._globals[qualified]
     if _TORCH_NN_MODULE.fullmatch(qualified):
       if qualified not in self._module_classes:
+        self._load.add_class()
         self._module_classes[qualified] = _torch_module_class(qualified)
       return self._module_classes[qualified]
     raise CheckpointError(f'refusing global {label(qualified, 200)} in {self._where}: '
@@ -139,6 +156,7 @@ class _Unpickler(pickle._Unpickler):  # pylint: disable=protected-access
       raise TypeError(f'{func.qualified} cannot be called from a checkpoint')
     if self._callables.get(id(func)) is not func:
       raise self._fail(f'a {type(func).__name__} cannot be called from a checkpoint')
+    self._load.copy(len(args) + sum(_sized(a) for a in args))
     result = func(*args)
     if isinstance(result, (_NumpyDType, _OrderedDict)):
       self._buildable[id(result)] = result
@@ -166,7 +184,7 @@ class _Unpickler(pickle._Unpickler):  # pylint: disable=protected-access
     return target
 
   def _memo_put(self, index: int) -> None:
-    if not 0 <= index < _MAX_OPS:
+    if not 0 <= index < _MAX_MEMO:
       raise self._fail(f'memo index {index} out of range')
     self.memo[index] = self.stack[-1]
 
@@ -176,6 +194,7 @@ class _Unpickler(pickle._Unpickler):  # pylint: disable=protected-access
   dispatch[pickle.REDUCE[0]] = load_reduce
 
   def _instantiate(self, klass, args):
+    self._load.copy(len(args))
     self.append(self._call(klass, tuple(args)))
 
   def load_newobj(self):
@@ -197,6 +216,7 @@ class _Unpickler(pickle._Unpickler):  # pylint: disable=protected-access
     if self._buildable.pop(id(inst), None) is not inst:
       raise self._fail(f'BUILD on a {label(type(inst).__name__)} is not allowed (state is set '
                        'only on objects the reader created for it, once)')
+    self._load.copy(_sized(state))
     inst.__setstate__(state)
   dispatch[pickle.BUILD[0]] = load_build
 
@@ -241,6 +261,29 @@ class _Unpickler(pickle._Unpickler):  # pylint: disable=protected-access
     self._container(list).extend(items)
   dispatch[pickle.APPENDS[0]] = load_appends
 
+  def _decimal(self) -> bytes:
+    """A text-opcode line to parse as an int, charged at CPython's quadratic cost."""
+    line = self.readline()
+    self._load.parse_digits(len(line))
+    return line
+
+  def load_int(self):
+    line = self._decimal()
+    self.append(line == b'01\n' if line in (b'00\n', b'01\n') else int(line, 0))
+  dispatch[pickle.INT[0]] = load_int
+
+  def load_long(self):
+    digits = self._decimal()[:-1]
+    self.append(int(digits[:-1] if digits.endswith(b'L') else digits, 0))
+  dispatch[pickle.LONG[0]] = load_long
+
+  def load_bytearray8(self):
+    size = int.from_bytes(self.read(8), 'little')
+    data = self.read(size)          # fails as truncated before anything is allocated
+    self._load.charge(size)
+    self.append(bytearray(data))
+  dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
+
   def load_put(self):
     self._memo_put(int(self.readline()[:-1]))
   dispatch[pickle.PUT[0]] = load_put
@@ -266,7 +309,7 @@ class _Unpickler(pickle._Unpickler):  # pylint: disable=protected-access
       raise ValueError(f'{label(class_name)} init kwargs/args are a {type(kwargs).__name__}/'
                        f'{type(args).__name__}, not a dict/tuple')
     return ModuleRecord(class_name, state, init_kwargs=_to_python(kwargs, self._load),
-                        init_args=_to_python(tuple(args), self._load))
+                        init_args=_as_tuple(_to_python(args, self._load), self._load))
 
   def _rebuild_tensor_v2(self, storage, offset, size, stride, requires_grad=False,
                          backward_hooks=None, metadata=None):

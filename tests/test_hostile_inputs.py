@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import jax
 import numpy as np
 import pytest
 
+from checkpoints_convert import common
 from checkpoints_convert import edm
 from checkpoints_convert import reader
 from generators import hostile_cases as hc
@@ -63,12 +65,12 @@ LIMITED = ('import os, resource, sys\n'
            'os.execv(sys.argv[3], sys.argv[3:])\n')
 
 
-def run_limited(argv: list, address_space: int, cwd=REPO) -> Run:
+def run_limited(argv: list, address_space: int, cwd=REPO, env=None) -> Run:
   """Runs ``argv`` under address-space and CPU limits; returns its own peak RSS."""
   argv = [sys.executable, '-c', LIMITED, str(address_space), str(KILL_AFTER_S), *argv]
   with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
     start = time.monotonic()
-    proc = subprocess.Popen(argv, cwd=cwd, env=ENV, stdout=out, stderr=err)
+    proc = subprocess.Popen(argv, cwd=cwd, env={**ENV, **(env or {})}, stdout=out, stderr=err)
     timer = threading.Timer(KILL_AFTER_S, proc.kill)
     timer.start()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -85,9 +87,9 @@ def run_reader(path) -> Run:
   return run_limited([sys.executable, '-c', READ, str(path)], READER_AS)
 
 
-def run_cli(module: str, *args, cwd=REPO) -> Run:
+def run_cli(module: str, *args, cwd=REPO, env=None) -> Run:
   return run_limited([sys.executable, '-m', f'checkpoints_convert.{module}', *map(str, args)],
-                     CLI_AS, cwd)
+                     CLI_AS, cwd, env)
 
 
 def snapshot(root) -> dict:
@@ -158,6 +160,37 @@ def test_nothing_leaks_between_two_reads(tmp_path):
     test_reader.assert_same_arrays(reader.read_state_dict(path), wanted)
 
 
+# Cuts the file to a third and restores it, over and over, until killed.
+CUT = ('import os, sys\n'
+       'path = sys.argv[1]\n'
+       'data = open(path, "rb").read()\n'
+       'while True:\n'
+       '  os.truncate(path, len(data) // 3)\n'
+       '  with open(path, "r+b") as f:\n'
+       '    f.write(data)\n')
+READ_MANY = ('import sys\n'
+             'from checkpoints_convert import reader\n'
+             'for _ in range(20):\n'
+             '  try:\n'
+             '    reader.read_state_dict(sys.argv[1])\n'
+             '  except reader.CheckpointError as e:\n'
+             '    assert "truncated" in str(e), str(e)\n')
+
+
+def test_source_cut_while_read(tmp_path):
+  """A file cut underneath the reader is read whole or refused as truncated, never a signal."""
+  path = tmp_path / 'sd.pt'
+  path.write_bytes(hc.large_state_dict(1 << 22))
+  cutter = subprocess.Popen([sys.executable, '-c', CUT, str(path)])
+  try:
+    run = run_limited([sys.executable, '-c', READ_MANY, str(path)], READER_AS)
+  finally:
+    cutter.kill()
+    cutter.wait()
+  assert run.rc == 0, (run.rc, run.stderr[-2000:])
+  assert run.wall_s < WALL_BOUND_S
+
+
 # ---------------------------------------------------------------------------
 # The EDM converter: bad configuration values, names and buffers, all in one process.
 
@@ -188,11 +221,14 @@ def test_edm_converter_refuses_bad_values(tmp_path, cli_baseline):
     src = tmp_path / f'{name}.pkl'
     src.write_bytes(hc.edm_network(fixture, mutate))
     jobs.append((name, str(src), str(tmp_path / 'out' / name)))
-  # The valid case replaces a previous model directory; the sibling file stays.
+  # The valid case replaces a previous converter output (its marker lists exactly what is
+  # there); the sibling file stays.
   previous = tmp_path / 'out' / 'valid'
   (previous / 'params').mkdir(parents=True)
   (previous / 'params' / 'old').write_text('old')
   (previous / 'config.json').write_text('{}')
+  (previous / common.MARKER_NAME).write_text(json.dumps(
+      {'written': {'config.json': 2, 'params': 'dir', 'params/old': 3}}))
   (tmp_path / 'out' / 'sibling.txt').write_text('keep')
 
   run = run_limited([sys.executable, '-c', BATCH, json.dumps(jobs)], CLI_AS)
@@ -206,7 +242,7 @@ def test_edm_converter_refuses_bad_values(tmp_path, cli_baseline):
     lines = result['stderr'].splitlines()
     if expected is None:
       assert result['code'] == 0 and result['stdout'].count('\n') == 1, (name, result)
-      assert sorted(os.listdir(dst)) == ['config.json', 'params'], name
+      assert sorted(os.listdir(dst)) == ['config.json', common.MARKER_NAME, 'params'], name
       continue
     assert result['code'] == 2 and result['stdout'] == '', (name, result)
     assert len(lines) == 1 and lines[0].startswith('error: ') and expected in lines[0], (
@@ -237,6 +273,9 @@ def _dst_cases(tmp: pathlib.Path) -> dict:
   (tmp / 'other').mkdir()
   (tmp / 'other' / 'notes.txt').write_text('mine')
   (tmp / 'afile').write_text('x')
+  (tmp / 'layout' / 'params').mkdir(parents=True)
+  (tmp / 'layout' / 'config.json').write_text('{}')
+  (tmp / 'layout' / 'params' / 'my_notes.txt').write_text('mine')
   (tmp / 'empty').mkdir()
   os.symlink(tmp / 'empty', tmp / 'link')
   os.symlink(tmp / 'nowhere', tmp / 'dangling')
@@ -252,9 +291,13 @@ def _dst_cases(tmp: pathlib.Path) -> dict:
       'root': ('/', (), 'is the working directory or one of its parents'),
       'contains_src': (tmp / 'in', (), f'is or contains the input {src}'),
       'is_src': (src, (), f'is or contains the input {src}'),
-      'non_model_dir': (tmp / 'other', (), "is a non-empty directory that is not a converted "
-                        "model (only config.json and params/); it holds 'notes.txt'; pass "
+      'non_model_dir': (tmp / 'other', (), "is a non-empty directory that is not a converter's "
+                        "output (what its converted.json lists); it holds 'notes.txt'; pass "
                         '--overwrite'),
+      # The layout of a model directory, but not written by a converter: a user's files.
+      'model_layout_with_notes': (tmp / 'layout', (), "it holds 'config.json', 'params', "
+                                  "'params/my_notes.txt'; pass --overwrite"),
+      'non_utf8': (tmp / os.fsdecode(b'out\xff'), (), 'is not valid UTF-8'),
       'existing_file': (tmp / 'afile', (), 'exists and is not a directory'),
       'symlink': (tmp / 'link', (), 'is a symbolic link'),
       'dangling_symlink': (tmp / 'dangling', (), 'is a symbolic link'),
@@ -265,8 +308,9 @@ def _dst_cases(tmp: pathlib.Path) -> dict:
   }
 
 
-DST_CASES = ('empty', 'dot', 'root', 'contains_src', 'is_src', 'non_model_dir', 'existing_file',
-             'symlink', 'dangling_symlink', 'below_file', 'unwritable', 'overwrite_hostile_src')
+DST_CASES = ('empty', 'dot', 'root', 'contains_src', 'is_src', 'non_model_dir',
+             'model_layout_with_notes', 'non_utf8', 'existing_file', 'symlink',
+             'dangling_symlink', 'below_file', 'unwritable', 'overwrite_hostile_src')
 
 
 @pytest.mark.parametrize('case', DST_CASES)
@@ -309,12 +353,47 @@ def test_dg_refuses_empty_dst_and_hostile_classifier(tmp_path, cli_baseline):
   assert snapshot(tmp_path) == before
 
 
+def test_dg_refuses_undecodable_input_path(tmp_path, cli_baseline):
+  """A path with a non-UTF-8 byte: one escaped line, even with a strict UTF-8 stdout."""
+  with open(DG_DATA / 'arch.json') as f:
+    arch = [f'--{k}={v}' for k, v in json.load(f).items()]
+  src = tmp_path / os.fsdecode(b'classifier\xff.pt')
+  shutil.copy(DG_DATA / 'classifier.pt', src)
+  before = snapshot(tmp_path)
+  run = run_cli('dg', f'--classifier={src}', f'--dst={tmp_path / "out"}', *arch,
+                env={'PYTHONIOENCODING': 'utf-8'})
+  line = assert_refused(run, 'is not valid UTF-8', cli_baseline, CLI_MARGIN_MIB)
+  assert 'classifier\\udcff.pt' in line
+  assert snapshot(tmp_path) == before
+
+
+def test_written_model_is_loaded_back(tmp_path):
+  """A model that does not load back as converted is refused, and nothing is left behind."""
+  params = {'params': {'dense': {'kernel': np.arange(6, dtype=np.float32).reshape(2, 3)}}}
+  config = {'family': 'test'}
+  (tmp_path / 'keep.txt').write_text('keep')
+  before = snapshot(tmp_path)
+  loaders = {
+      'loads back different from the conversion ([\'params\'][\'dense\'][\'kernel\'] '
+      'holds other values)': lambda d: jax.tree_util.tree_map(lambda x: x + 1, params),
+      'loads back different from the conversion (missing key': lambda d: {},
+      'does not load (ValueError: no such family)': lambda d: (_ for _ in ()).throw(
+          ValueError('no such family')),
+  }
+  for expected, load in loaders.items():
+    with pytest.raises(common.ConversionError, match=re.escape(expected)):
+      common.write_model(str(tmp_path / 'new' / 'model'), params, config, [], load)
+    assert snapshot(tmp_path) == before
+  common.write_model(str(tmp_path / 'model'), params, config, [], lambda d: params)
+  assert common.foreign_entries(str(tmp_path / 'model')) == []
+
+
 def test_inception_escapes_injected_names(tmp_path, cli_baseline):
   src = tmp_path / 'evil.pth'
   src.write_bytes(hc.state_dict_with_key('fc.weight\n\x1b[2Jerror: all good'))
   before = snapshot(tmp_path)
   run = run_cli('inception', '--src', src, '--dst', tmp_path / 'out')
-  line = assert_refused(run, "unexpected key 'fc.weight\\n\\x1b[2Jerror: all good' with shape (2,)",
+  line = assert_refused(run, "tensor name 'fc.weight\\n\\x1b[2Jerror: all good' is not identifiers",
                         cli_baseline, CLI_MARGIN_MIB)
   assert '\x1b' not in run.stderr and line.count('error:') == 2  # the injected text, escaped
   assert snapshot(tmp_path) == before

@@ -471,3 +471,18 @@ def test_main_guard_prints_one_line(capsys):
   assert excinfo.value.code == 2
   err = capsys.readouterr().err
   assert err == 'error: absent.pkl: no such file\n'
+
+
+@pytest.mark.parametrize('names, message', [
+    (['a/b.weight'], "tensor name a/b.weight is not identifiers joined by dots"),
+    (['a..weight'], 'tensor name a..weight is not identifiers joined by dots'),
+    (['x.' * 2000 + 'weight'], 'has more than 32 parts or 512 characters'),
+    (['bias', 'bias.bias'], 'tensor name bias is also the parent of other tensors (e.g. bias.bias)'),
+])
+def test_state_dict_names_checked(tmp_path, names, message):
+  storage = Storage('torch.FloatStorage', '0', 1)
+  sd = {name: tensor(storage, 0, (1,), (1,)) for name in names}
+  path = write(tmp_path, 'sd.pt', legacy_stream(sd, {'0': np.ones(1, np.float32)}))
+  with pytest.raises(reader.CheckpointError) as excinfo:
+    reader.read_state_dict(path)
+  assert message in one_line_error(excinfo, path)
