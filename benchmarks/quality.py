@@ -123,7 +123,11 @@ KERNEL_BASELINES = {'heun': 'edm', 'churn': 'edm churn', 'ancestral': 'edm ances
 BASELINE = 'edm'   # the default EDM: 18 Heun steps
 CONTROL = 'edm 4 steps (control)'
 
-# Every row the benchmark knows, in table order; one line each.
+# Every row the benchmark knows, in table order; one line each. A new sampler adds its
+# section to configs/digits.py `demo_samplers` and a line here, e.g.
+#   Row('smc churn G=4', 'smc', dict(group_size=4), 'churn'), or, chosen on validation seeds,
+#   Tuned('smc churn G', 'smc', {}, 'group_size', (2, 4, 8), 4, 'churn', config_section='smc'),
+# and its label to `SWEEPS`.
 ENTRIES = (
     Row('edm', 'edm', {}),
     Row(CONTROL, 'edm', dict(num_steps=4)),
@@ -433,6 +437,8 @@ def testbed_markdown(testbed: str, rows: list[dict], selections: list[Selection]
   for name, title in (('vs_edm', 'EDM (Heun, 18 steps)'), ('vs_kernel', 'EDM on the same kernel')):
     shown = [r for r in rows if r[name] is not None and
              (name == 'vs_edm' or KERNEL_BASELINES[r['kernel']] != BASELINE)]
+    if not shown:
+      continue
     lines += [f'Differences to {title}: mean [95% t-interval] over the test seeds.', '',
               f'| setting | {metric_head} | p ({primary}) | Holm p |', '|---|---|---|---|---|---|---|']
     lines += [f'| {r["label"]} | {_diff_cells(r[name])} | {r[name][PRIMARY[testbed]].p:.3f} | '

@@ -68,7 +68,7 @@ def test_every_row_has_a_same_kernel_baseline_in_its_sweeps():
       assert quality.KERNEL_BASELINES[r.kernel] in labels, r.label
 
 
-def test_changed_setting_under_an_old_label_reruns(tmp_path, monkeypatch):
+def test_changed_setting_under_an_old_label_reruns(monkeypatch):
   calls = []
 
   def fake_draw(config, setting, seed, num, batch, models, workdir):
@@ -99,10 +99,15 @@ def test_content_follows_model_bytes_and_code(tmp_path):
   (tmp_path / 'isir_jax' / 'samplers').mkdir(parents=True)
   source = tmp_path / 'isir_jax' / 'samplers' / 'edm.py'
   source.write_text('a = 1\n')
+  (tmp_path / 'model').mkdir()
+  (tmp_path / 'model' / 'params').write_bytes(b'\0\1')
   before = quality.code_digest(str(tmp_path))
+  model = quality.files_digest(str(tmp_path / 'model'))
   quality.files_digest.cache_clear()
   source.write_text('a = 2\n')
+  (tmp_path / 'model' / 'params').write_bytes(b'\0\2')
   assert quality.code_digest(str(tmp_path)) != before
+  assert quality.files_digest(str(tmp_path / 'model')) != model
   config = quality.testbed_config('skew', tiny=True)
   cfg = quality.setting_config(config, quality.row('edm'), 0, 8, 8, str(tmp_path))
   key = quality.run_content(cfg, before)
