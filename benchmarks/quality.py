@@ -440,7 +440,7 @@ def testbed_markdown(testbed: str, rows: list[dict], selections: list[Selection]
     if not shown:
       continue
     lines += [f'Differences to {title}: mean [95% t-interval] over the test seeds.', '',
-              f'| setting | {metric_head} | p ({primary}) | Holm p |', '|---|---|---|---|---|---|---|']
+              f'| setting | {metric_head} | p ({primary}) | Holm p |', '|' + '---|' * 7]
     lines += [f'| {r["label"]} | {_diff_cells(r[name])} | {r[name][PRIMARY[testbed]].p:.3f} | '
               f'{r[f"{name}_holm_p"]:.3f} |' for r in shown]
     lines.append('')
@@ -581,9 +581,10 @@ def main(argv):
   # Each (row, seed) builds its sampler anew; the seeds of a row share one program.
   jax.config.update('jax_compilation_cache_dir', _XLA_CACHE.value)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  flags_used = (' --tiny' if tiny else f' --num_samples={num} --seeds={len(seeds)} '
+                f'--val_seeds={",".join(map(str, val_seeds))}')
   args = dict(num_samples=num, seeds=seeds, val_seeds=val_seeds,
-              command='python -m benchmarks.quality' + (' --tiny' if tiny else
-                                                        f' --num_samples={num} --seeds={len(seeds)}'),
+              command='python -m benchmarks.quality' + flags_used,
               machine=f'{jax.devices()[0].device_kind}, {os.cpu_count()} cores')
   saved = {}
   if os.path.exists(json_path):

@@ -224,9 +224,9 @@ def check_samples(start: int, images: np.ndarray, stats: dict) -> None:
       bad = start + np.flatnonzero(mask)
       first = {int(i): int(k) for i, k in zip(bad[:20], levels[mask][:20])}
       raise RunError(
-          f'{len(bad)} samples drew a non-finite discriminator log ratio (NaN or inf), refused '
-          f'instead of weighted; global index: first noise level k of it (step k-1 -> k, '
-          f'k = 0 the initial latent): {first}{" ..." if len(bad) > 20 else ""}')
+          f'{len(bad)} samples met a non-finite discriminator log ratio (NaN or inf) and are '
+          f'refused, not weighted; global index: noise level k where it first occurred (k = 0 '
+          f'the initial latent, else step k-1 -> k): {first}{" ..." if len(bad) > 20 else ""}')
   problems = [('non-finite', ~np.isfinite(images).reshape(len(images), -1).all(axis=1))]
   if 'finished' in stats:
     problems.append(('unfinished (DiffRS max_loops cap)', ~np.asarray(stats['finished'], bool)))

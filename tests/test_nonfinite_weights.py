@@ -61,7 +61,7 @@ def test_diffrs_records_the_level_and_finishes():
 
 def test_driver_refuses_non_finite_weights_naming_level_and_index():
   stats = {weights.STAT: np.array([-1, 3, -1, 5])}
-  with pytest.raises(sampling.RunError,
-                     match=r'2 samples drew a non-finite discriminator log ratio .*\{11: 3, 13: 5\}'):
+  message = r'2 samples met a non-finite discriminator log ratio .*\{11: 3, 13: 5\}'
+  with pytest.raises(sampling.RunError, match=message):
     sampling.check_samples(10, np.zeros([4, 2]), stats)
   sampling.check_samples(10, np.zeros([4, 2]), {weights.STAT: np.full(4, weights.NONE)})
