@@ -87,8 +87,23 @@ def train_config(models: str) -> ml_collections.ConfigDict:
   return t
 
 
-def demo_samplers() -> ml_collections.ConfigDict:
-  """``config.demo.samplers``: one section per demo method, passed to ``get_sampler(name)``.
+# Knobs chosen on validation seeds by ``python -m benchmarks.quality`` (rule and numbers in
+# benchmarks/results/quality.md; the values are its quality.json "chosen"), per testbed:
+# section of `demo_samplers` -> setting -> value. DiffRS's rej_percentile sets
+# config.demo.rej_percentile, the quantile of the committed thresholds file (rebuild it with
+# --mode=diffrs_thresholds after a change). Until the benchmark has chosen, these are the
+# papers' defaults and the scale 4 found on the testbed.
+TUNED = {
+    'skew': {'dg': {'dg_weight_1st_order': 2.0}, 'diffrs': {'rej_percentile': 0.75},
+             'isir_scaled': {'weight_scale': 4.0}},
+    'natural': {'dg': {'dg_weight_1st_order': 2.0}, 'diffrs': {'rej_percentile': 0.75},
+                'isir_scaled': {'weight_scale': 4.0}},
+}
+
+
+def demo_samplers(tuned: dict | None = None) -> ml_collections.ConfigDict:
+  """``config.demo.samplers``: one section per demo method, passed to ``get_sampler(name)``;
+  ``tuned`` (section -> setting -> value, e.g. a testbed's `TUNED`) overrides settings.
 
   18 Heun steps (35 NFE) as EDM's CIFAR-10 setting. ISIR needs stochastic proposals
   (churn > 0, DESIGN.md section 3): with a deterministic step all candidates coincide.
@@ -96,7 +111,7 @@ def demo_samplers() -> ml_collections.ConfigDict:
   step = dict(num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0)
   window = dict(time_min=0.01, time_max=1.0)   # VP times where the discriminator acts
   churn = dict(S_churn=5.0, S_min=0.01, S_max=50.0, S_noise=1.0)
-  return ml_collections.ConfigDict({
+  sections = ml_collections.ConfigDict({
       'edm': dict(name='edm', **step),
       # EDM-G++ (Kim et al. 2023): w1 = 2 in the Euler part, none in the Heun correction.
       'dg': dict(name='dg', dg_weight_1st_order=2.0, dg_weight_2nd_order=0.0, **step, **window),
@@ -114,6 +129,9 @@ def demo_samplers() -> ml_collections.ConfigDict:
       'isir_scaled': dict(name='isir', num_candidates=4, num_iterations=1, weight_scale=4.0,
                           **step, **churn),
   })
+  for section, settings in (tuned or {}).items():
+    sections[section].update(settings)
+  return sections
 
 
 def get_config(arg: str | None = None):
@@ -146,9 +164,11 @@ def get_config(arg: str | None = None):
   config.demo.feature_net = os.path.join(ASSETS, 'feature_net')
   config.demo.ref_stats = os.path.join(ASSETS, 'feature_stats.npz')
   config.demo.diffrs_thresholds = os.path.join(models, 'diffrs_thresholds.npz')
-  config.demo.rej_percentile = 0.75     # DiffRS warm-up quantile behind diffrs_thresholds
+  tuned = {section: dict(settings) for section, settings in TUNED[testbed].items()}
+  # DiffRS warm-up quantile behind diffrs_thresholds.
+  config.demo.rej_percentile = tuned.get('diffrs', {}).pop('rej_percentile', 0.75)
   config.demo.warmup_samples = 2000     # warm-up samples of EDM for the DiffRS thresholds
-  config.demo.samplers = demo_samplers()
+  config.demo.samplers = demo_samplers(tuned)
 
   config.train = train_config(models)
   if testbed == 'skew':

@@ -10,7 +10,8 @@ without JAX, so it must stay importable with numpy and scipy alone. It holds:
 * feature statistics accumulated in float64 (EDM ``fid.py``'s estimator);
 * statistics files in EDM's ``.npz`` layout (``mu`` [D], ``sigma`` [D, D]);
 * the Frechet distance (Heusel et al. 2017) as EDM computes it;
-* the Inception Score (Salimans et al. 2016) from classifier logits.
+* the Inception Score (Salimans et al. 2016) from classifier logits;
+* precision and recall of k-NN feature manifolds (Kynkaanniemi et al. 2019).
 """
 
 import os
@@ -244,3 +245,55 @@ def inception_score(logits: np.ndarray, num_splits: int = 1) -> tuple[float, flo
     kl = (p * (part - log_marginal)).sum(1)
     scores.append(np.exp(kl.mean()))
   return float(np.mean(scores)), float(np.std(scores))
+
+
+def _pairwise_sq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """Squared Euclidean distances [len(a), len(b)] in float64, clipped at 0."""
+  d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
+  return np.maximum(d, 0.0)
+
+
+def knn_radii(features: np.ndarray, k: int = 3, batch: int = 1024) -> np.ndarray:
+  """Squared distance of each point to its k-th nearest other point of the same set [N].
+
+  The radius of the point's hypersphere in the k-NN manifold estimate (Kynkaanniemi et al.
+  2019, eq. 1); a point does not count as its own neighbour.
+  """
+  f = np.asarray(features, np.float64)
+  if f.ndim != 2 or len(f) <= k:
+    raise ValueError(f'knn_radii: need features [N, D] with N > k = {k}, got shape {f.shape}')
+  radii = []
+  for i in range(0, len(f), batch):
+    d = _pairwise_sq(f[i:i + batch], f)
+    # Column k of the sorted row: index 0 is (at least) the point itself.
+    radii.append(np.partition(d, k, axis=1)[:, k])
+  return np.concatenate(radii)
+
+
+def manifold_coverage(points: np.ndarray, support: np.ndarray, radii: np.ndarray,
+                      batch: int = 1024) -> float:
+  """Fraction of ``points`` inside at least one hypersphere of ``support`` (squared radii)."""
+  p = np.asarray(points, np.float64)
+  s = np.asarray(support, np.float64)
+  inside = [(_pairwise_sq(p[i:i + batch], s) <= radii[None, :]).any(axis=1)
+            for i in range(0, len(p), batch)]
+  return float(np.concatenate(inside).mean())
+
+
+def precision_recall(real: np.ndarray, generated: np.ndarray, k: int = 3) -> tuple[float, float]:
+  """Improved precision and recall (Kynkaanniemi et al. 2019) of features [N, D] and [M, D].
+
+  Precision: the share of generated points inside the k-NN manifold of the real ones (a
+  sampler that blurs or invents leaves it); recall: the share of real points inside the
+  k-NN manifold of the generated ones (a sampler that collapses onto few modes covers few).
+
+  Returns:
+    ``(precision, recall)``, each in [0, 1].
+  """
+  real, generated = np.asarray(real, np.float64), np.asarray(generated, np.float64)
+  if real.ndim != 2 or generated.ndim != 2 or real.shape[1] != generated.shape[1]:
+    raise ValueError(f'precision_recall: expected features [N, D] and [M, D], got '
+                     f'{real.shape} and {generated.shape}')
+  precision = manifold_coverage(generated, real, knn_radii(real, k))
+  recall = manifold_coverage(real, generated, knn_radii(generated, k))
+  return precision, recall

@@ -29,6 +29,7 @@ from isir_jax import samplers
 from isir_jax import testbed
 from isir_jax.samplers import diffrs
 from isir_jax.samplers import edm
+from isir_jax.samplers import weights
 
 # config.sampler keys that the driver consumes; the rest go to the sampler factory.
 DRIVER_SAMPLER_KEYS = ('name', 'rej_percentile', 'warmup_samples', 'thresholds')
@@ -234,8 +235,19 @@ def format_stats(stats: dict) -> str:
 
 
 def check_samples(start: int, images: np.ndarray, stats: dict) -> None:
-  """Fails on non-finite images or unfinished (DiffRS loop-capped) samples, naming their
-  global indices (the first is ``start``)."""
+  """Fails on samples with a non-finite log weight (naming the noise level), non-finite
+  images or unfinished (DiffRS loop-capped) samples, naming their global indices (the
+  first is ``start``)."""
+  if weights.STAT in stats:
+    levels = np.asarray(stats[weights.STAT])
+    mask = levels != weights.NONE
+    if mask.any():
+      bad = start + np.flatnonzero(mask)
+      first = {int(i): int(k) for i, k in zip(bad[:20], levels[mask][:20])}
+      raise RunError(
+          f'{len(bad)} samples met a non-finite discriminator log ratio (NaN or inf) and are '
+          f'refused, not weighted; global index: noise level k where it first occurred (k = 0 '
+          f'the initial latent, else step k-1 -> k): {first}{" ..." if len(bad) > 20 else ""}')
   problems = [('non-finite', ~np.isfinite(images).reshape(len(images), -1).all(axis=1))]
   if 'finished' in stats:
     problems.append(('unfinished (DiffRS max_loops cap)', ~np.asarray(stats['finished'], bool)))

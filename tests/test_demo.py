@@ -124,7 +124,7 @@ def test_demo_driver_and_benchmark_draw_the_same_images(tmp_path):
     run = demo.method_config(config, method)
     run_lib.sample(run, str(tmp_path / method))
     from_driver = io.read_shard(io.shard_path(str(tmp_path / method), 0))[0]
-    from_benchmark = quality.draw_setting(config, label, config.seed, n, n, models,
+    from_benchmark = quality.draw_setting(config, quality.row(label), config.seed, n, n, models,
                                           str(tmp_path))[0]
     np.testing.assert_array_equal(io.to_uint8(from_demo), from_driver)
     np.testing.assert_array_equal(io.to_uint8(from_benchmark), from_driver)
@@ -137,12 +137,23 @@ def test_quality_benchmark_tiny_end_to_end(tmp_path):
                         env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert proc.returncode == 0, proc.stderr[-3000:]
   text = (tmp_path / 'quality.md').read_text()
-  rows = [line.split('|')[1:-1] for line in text.splitlines() if line.startswith('| ')]
-  labels = [r[0].strip() for r in rows[1:]]
-  assert labels == list(quality.TINY_SETTINGS)
-  for r in rows[1:]:
-    assert 0 <= float(r[1]) <= 1 and float(r[5]) >= 1   # class error, NFE
-  assert 'not significant' in text or 'better' in text or 'worse' in text
+  table = text[text.index('| setting | kernel |'):].split('\n\n')[0]
+  rows = {r[0]: r for r in ([c.strip() for c in line.split('|')[1:-1]]
+                            for line in table.splitlines()[2:])}
+  # The tiny sweep, its same-kernel baseline (edm churn), the value chosen for DG's w1 on
+  # the validation seeds, and the floor of real digits.
+  chosen = json.loads((tmp_path / 'quality.json').read_text())['chosen']['skew']['dg w1']
+  assert list(rows) == ['edm', quality.CONTROL, 'edm churn', f'dg w1={chosen["value"]:g} (tuned)',
+                        'isir churn N=4 K=1', 'real digits (floor)']
+  assert chosen['value'] in (2.0, 4.0) and chosen['config_section'] == 'dg'
+  for label, r in rows.items():
+    assert 0 <= float(r[2]) <= 1 and 0 <= float(r[4]) <= 1 and 0 <= float(r[5]) <= 1
+    if label != 'real digits (floor)':
+      assert float(r[11]) >= 1                                   # NFE
+  assert rows['edm'][7] == '(baseline)' and rows['edm churn'][9] == '(baseline)'
+  assert not rows[quality.CONTROL][7].startswith('better')
+  assert 'Tuned knobs, chosen on the validation seeds 100, 101' in text
   assert os.path.getsize(tmp_path / 'quality_skew.png') > 0
   runs = json.loads((tmp_path / 'quality.json').read_text())['runs']
-  assert len(runs) == 2 * len(quality.TINY_SETTINGS)
+  # Validation: EDM and DG's 2 candidates; test: 5 rows; 2 seeds each.
+  assert len(runs) == 2 * 3 + 2 * 5

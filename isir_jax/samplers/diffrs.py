@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from isir_jax.samplers import churn, edm, schedule
+from isir_jax.samplers import churn, edm, schedule, weights
 
 Array = jax.Array
 
@@ -163,6 +163,7 @@ class _Lanes(NamedTuple):
   tests: Array       # [S] tests taken
   accepts: Array     # [S] tests accepted
   restarts: Array    # [S] max_iter restarts
+  nonfinite: Array   # [S] first level with a non-finite log ratio (weights.NONE: none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,7 +224,7 @@ def _fresh(run: _Run, sample: Array) -> _Lanes:
                              None if run.latents is None else run.latents[s])[:, 0]
   zeros = jnp.zeros_like(sample)
   return _Lanes(sample, x, zeros, run.test_at(zeros, False), jnp.zeros(sample.shape), zeros,
-                zeros, zeros, zeros, zeros, zeros)
+                zeros, zeros, zeros, zeros, zeros, jnp.full_like(sample, weights.NONE))
 
 
 def _test(run: _Run, ln: _Lanes, ekeys: Array, labels: Optional[Array]
@@ -231,13 +232,15 @@ def _test(run: _Run, ln: _Lanes, ekeys: Array, labels: Optional[Array]
   """DiffRS acceptance of every lane's current state, one discriminator call.
 
   Returns ``(d, accept)``: the log ratio [S] and whether the pending test passed (lanes with
-  no pending test accept).
+  no pending test accept, and so do lanes whose d is or was not finite: they cannot be
+  tested, and are recorded and refused instead of being rejected until a loop cap).
   """
   d = run.discriminator.log_ratio(ln.x, run.t[ln.idx], labels)
   log_u = jnp.log(jax.vmap(lambda k: jax.random.uniform(schedule.choice_key(k, 0)))(ekeys))
   margin = jnp.where(ln.test == 1, d - ln.log_r_prev - run.m_inc[ln.idx],
                      d - run.m_abs[ln.idx])
-  return d, (ln.test == 0) | (log_u < margin)
+  untestable = ~jnp.isfinite(d) | (ln.nonfinite != weights.NONE)
+  return d, (ln.test == 0) | (log_u < margin) | untestable
 
 
 def _back_step(run: _Run, ln: _Lanes, eps: Array) -> tuple[Array, Array]:
@@ -284,7 +287,7 @@ def _emit(out: Array, out_stats: dict, ln: _Lanes, rows: Array, finished: bool
   rate = jnp.where(ln.tests > 0, ln.accepts / jnp.maximum(ln.tests, 1), 1.0)
   new = dict(nfe=ln.nfe, disc_evals=ln.events, disc_grads=jnp.zeros_like(ln.nfe),
              accept_rate=rate, restarts=ln.restarts,
-             finished=jnp.full(rows.shape, finished))
+             finished=jnp.full(rows.shape, finished), **{weights.STAT: ln.nonfinite})
   out_stats = {k: v.at[rows].set(new[k].astype(v.dtype), mode='drop')
                for k, v in out_stats.items()}
   return out.at[rows].set(ln.x, mode='drop'), out_stats
@@ -328,7 +331,8 @@ def _iteration(run: _Run, state: tuple) -> tuple:
   ln = ln._replace(
       x=x, idx=idx, test=test, log_r_prev=jnp.where(stepping, d, ln.log_r_prev),
       events=ln.events + active, nfe_run=ln.nfe_run + nfe_add, nfe=ln.nfe + nfe_add,
-      tests=ln.tests + taken, accepts=ln.accepts + (taken & accept))
+      tests=ln.tests + taken, accepts=ln.accepts + (taken & accept),
+      nonfinite=weights.record_first(ln.nonfinite, ln.idx, active & ~jnp.isfinite(d)))
   ln = _restart_over_budget(run, ln, eps_restart, done)
   out, out_stats = _emit(out, out_stats, ln, jnp.where(done, ln.sample, batch), True)
   ln = _refill(run, ln, done, next_sample)
@@ -352,7 +356,8 @@ def diffrs_sample(denoiser, discriminator, keys: Array, class_labels: Optional[A
     images [B, *shape] and stats: the counts of `edm.cost_stats` ('nfe', restarts
     included, 'disc_evals', 'disc_grads' = 0; see the module docstring), 'accept_rate'
     (accepted / taken tests; 1 when none), 'restarts', 'finished' (False only if the
-    ``max_loops`` cap stopped the loop first; the stats of such a sample are those so far).
+    ``max_loops`` cap stopped the loop first; the stats of such a sample are those so far),
+    `weights.STAT` (the first level with a non-finite log ratio, -1 if none).
   """
   step, cfg, th = _parse(settings)
   run = _Run.create(denoiser, discriminator, keys, class_labels, latents, shape, step, cfg, th)
@@ -366,7 +371,8 @@ def diffrs_sample(denoiser, discriminator, keys: Array, class_labels: Optional[A
 
   out = jnp.zeros((batch,) + run.shape, jnp.float32)
   out_stats = dict(edm.cost_stats(batch, 0), accept_rate=jnp.zeros([batch]),
-                   restarts=jnp.zeros([batch], jnp.int32), finished=jnp.zeros([batch], bool))
+                   restarts=jnp.zeros([batch], jnp.int32), finished=jnp.zeros([batch], bool),
+                   **{weights.STAT: weights.initial(batch)})
   ln, out, out_stats, _, _ = lax.while_loop(
       cond, functools.partial(_iteration, run),
       (_fresh(run, jnp.arange(lanes)), out, out_stats, jnp.asarray(lanes), jnp.asarray(0)))

@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from isir_jax.samplers import edm, schedule
+from isir_jax.samplers import edm, schedule, weights
 
 Array = jax.Array
 IntOrSteps = Union[int, Sequence[int]]
@@ -171,11 +171,13 @@ def num_proposals(n, k):
 def _choose(choice_keys: Array, k, lw: Array, n_active) -> tuple[Array, Array]:
   """Choice k of a chain among candidates with log weights lw [B, N] (slot 0 is the kept pick
   for k > 0; slots beyond ``n_active`` get zero weight): the chosen slots [B] and the
-  normalised ESS [B]."""
-  lw = jnp.where(jnp.arange(lw.shape[1]) < n_active, lw, -jnp.inf)
+  normalised ESS [B], NaN where an active log weight is not finite (never chosen)."""
+  active = jnp.arange(lw.shape[1]) < n_active
+  bad = weights.nonfinite_rows(lw, active)
+  lw = jnp.where(active, weights.drawable(lw), -jnp.inf)
   idx = jax.vmap(lambda kk, l: jax.random.categorical(schedule.choice_key(kk, k), l))(
       choice_keys, lw)
-  return idx, normalised_ess(lw, n_active)
+  return idx, jnp.where(bad, jnp.nan, normalised_ess(lw, n_active))
 
 
 def _take(v: Array, idx: Array) -> Array:
@@ -203,7 +205,8 @@ def isir_chain(propose: Callable, choice_keys: Array, n_active, n_max: int, iter
     chunk: optional number of candidates per call.
 
   Returns:
-    The pick [B, ...], its log weight [B], and the mean normalised ESS over iterations [B].
+    The pick [B, ...], its log weight [B], and the mean normalised ESS over iterations [B]
+    (NaN where an active log weight was not finite).
   """
   if n_max == 1:  # Nothing to choose: plain sampling from the proposal.
     xs, lw = propose(jnp.arange(1))
@@ -261,7 +264,8 @@ def isir_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Arr
     'disc_grads' = 0; steps with a deterministic proposal count one plain step), 'ess' [B]
     (mean over the corrected steps of the normalised ESS of the i-SIR weights, averaged over
     iterations; 1 when no step is corrected), 'ess_initial' [B] (the same for the initial
-    stage).
+    stage), `weights.STAT` [B] (the first level k whose log weights, evaluated at t_k, were not
+    finite; 0 is the initial stage, -1 if none).
   """
   step, cfg = _parse(settings)
   n_steps, k_steps = cfg.per_step(step.num_steps)
@@ -330,9 +334,11 @@ def _isir(denoiser, discriminator, keys, class_labels, latents, shape, step, chu
 
   lkeys = jax.vmap(schedule.latent_key)(keys)
   x0, _, ess0 = isir_chain(propose_latent, lkeys, n0, n0_max, k0, chunk)
+  # A NaN ESS marks a non-finite log weight: recorded at the level it was evaluated at.
+  first_bad = weights.record_first(weights.initial(batch), 0, jnp.isnan(ess0))
 
   def body(carry, i, heun):
-    state, ess_sum = carry
+    state, ess_sum, first_bad = carry
     draw, x0_prev = edm.proposals(denoiser, state, keys, i, t, class_labels, step, heun)
 
     def corrected(_):
@@ -352,9 +358,10 @@ def _isir(denoiser, discriminator, keys, class_labels, latents, shape, step, chu
       x, ess = (corrected if noisy.all() else plain)(None)
     else:
       x, ess = lax.cond(jnp.asarray(noisy)[i], corrected, plain, None)
-    return (x, x0_prev), ess_sum + ess
+    return (x, x0_prev), ess_sum + ess, weights.record_first(first_bad, i + 1, jnp.isnan(ess))
 
-  (x, _), ess_sum = edm.run_steps(body, (edm.initial_state(x0, step), jnp.zeros([batch])), step)
+  (x, _), ess_sum, first_bad = edm.run_steps(
+      body, (edm.initial_state(x0, step), jnp.zeros([batch]), first_bad), step)
   # The method's counts: P_i = N_i + (K_i-1)(N_i-1) proposals where the step is corrected,
   # 1 elsewhere; each proposal is one discriminator evaluation and (churn) `step.nfe(i)`
   # denoiser evaluations; a shared-mean step is one denoiser evaluation.
@@ -371,6 +378,7 @@ def _isir(denoiser, discriminator, keys, class_labels, latents, shape, step, chu
   stats['ess'] = jnp.where(corrected_steps.any(), ess_sum / jnp.maximum(corrected_steps.sum(), 1),
                            1.0)
   stats['ess_initial'] = ess0
+  stats[weights.STAT] = first_bad
   return x, stats
 
 
