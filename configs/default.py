@@ -129,6 +129,7 @@ def sampler_config(method: str) -> ml_collections.ConfigDict:
     s.num_candidates = 1          # N > 1: an SIR move (ISIR, K = 1) inside SMC
     s.candidate_chunk = ml_collections.FieldReference(None, field_type=int)
     s.guidance_weight = 0.0       # w > 0: twisted proposal (DG's term in the mean)
+    s.twist_correction = True     # weight by q_plain / q_guided (False: guided model, approx.)
     s.time_min = 0.01             # DG's window of VP times for that guidance
     s.time_max = 1.0
   return s

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from isir_jax import samplers, testbed
-from isir_jax.samplers import smc
+from isir_jax.samplers import smc, weights
 
 TB = testbed.make_testbed('gmm2')
 STEPS = 18
@@ -42,7 +42,7 @@ def test_g64_recovers_the_true_weights_where_plain_sampling_does_not():
   assert np.all(stats['resamples'] == STEPS - 1) and np.all(stats['disc_grads'] == 0)
   assert 0 < float(stats['ess_min'].min()) <= float(stats['ess'].mean()) <= 1
   assert np.all((stats['ancestors'] >= 1) & (stats['ancestors'] <= 64))
-  assert np.all(stats['nonfinite_step'] == -1)
+  assert np.all(stats[weights.STAT] == weights.NONE)
 
 
 @pytest.mark.parametrize('kernel', [dict(S_churn=40.0), dict(proposal='ancestral'),
@@ -164,13 +164,13 @@ class NaNAtOneLevel:
     return jnp.where((sigma > self.lo) & (sigma < self.hi), jnp.nan, lr)
 
 
-def test_non_finite_log_weights_are_reported_with_their_step():
+def test_non_finite_log_weights_are_reported_with_their_level():
   t = np.asarray(samplers.StepSettings(num_steps=6).sigmas(TB.model_denoiser))
   disc = NaNAtOneLevel(TB.discriminator, t[3] * 0.99, t[3] * 1.01)   # step 2 targets t[3]
   fn = samplers.get_sampler('smc')(TB.model_denoiser, disc, shape=TB.shape, num_steps=6,
                                    proposal='ancestral', group_size=4)
   x, stats = jax.jit(fn)(sample_keys(6, 8))
-  np.testing.assert_array_equal(stats['nonfinite_step'], 2)
+  np.testing.assert_array_equal(stats[weights.STAT], 3)
   assert np.isfinite(np.asarray(x)).all()
 
 
@@ -185,3 +185,15 @@ def test_settings_are_checked():
     make()
   with pytest.raises(ValueError, match='resample must be one of'):
     make(proposal='ancestral', resample='stratified-ish')
+
+
+def test_twist_correction_keeps_the_target_and_its_absence_overcorrects():
+  """Guided proposals with w=1 on gmm2: the guided kernel alone overshoots the true weight
+  of component 0 (0.2); SMC with the density-ratio correction stays nearer the truth than
+  SMC on the guided kernel without it."""
+  keys = sample_keys(7, 4096)
+  base = dict(num_steps=STEPS, proposal='ancestral', group_size=16, guidance_weight=1.0)
+  exact, _ = run(keys=keys, **base)
+  approx, _ = run(keys=keys, twist_correction=False, **base)
+  w_exact, w_approx = TB.weights(exact)[0], TB.weights(approx)[0]
+  assert w_approx < w_exact and abs(w_exact - 0.2) < abs(w_approx - 0.2), (w_exact, w_approx)

@@ -33,6 +33,9 @@ Options, each a setting of `SMCSettings`:
     grad_x d``, in DG's time window), the same noise scale, and the weight gains the
     Gaussian density ratio ``q_plain(x'|x) / q_guided(x'|x)``, so the target is unchanged.
     One discriminator gradient per weighted step where some sample is in the window.
+    ``twist_correction=False`` leaves that ratio out: the guided kernel becomes the model
+    that SMC corrects, an approximation that over-corrects along the ratio (as DG's w > 1
+    or tempering does) instead of targeting the data.
 
 G = 1 never resamples: with N = 1 it is the plain sampler of the same kernel (no
 discriminator call; with guidance, the guided kernel alone), with N > 1 ISIR with K = 1,
@@ -56,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from isir_jax.samplers import dg, edm, isir, schedule
+from isir_jax.samplers import dg, edm, isir, schedule, weights
 
 Array = jax.Array
 
@@ -76,6 +79,7 @@ class SMCSettings:
   num_candidates: int = 1                 # N: SIR candidates per particle and weighted step
   candidate_chunk: Optional[int] = None   # candidates per discriminator call (None: all)
   guidance_weight: float = 0.0            # w: twisted proposal (ancestral kernel only)
+  twist_correction: bool = True           # weight by q_plain / q_guided (exact target)
   time_min: float = 0.01                  # DG's window of VP times for the guidance
   time_max: float = 1.0
 
@@ -126,8 +130,9 @@ def _log_mean_exp(lw: Array) -> Array:
 
 
 def _finite(lw: Array) -> Array:
-  """Non-finite log weights become -inf (never chosen); a row with none left is uniform."""
-  lw = jnp.where(jnp.isfinite(lw), lw, -jnp.inf)
+  """Non-finite log weights are never drawn (`weights.drawable`); a group with none left
+  is drawn uniformly."""
+  lw = weights.drawable(lw)
   return jnp.where(jnp.isfinite(lw).any(-1, keepdims=True), lw, 0.0)
 
 
@@ -215,16 +220,17 @@ def smc_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Arra
     shape: static image shape.
     **settings: `edm.StepSettings` fields (a stochastic proposal) plus the `SMCSettings`
       fields group_size, weight_scale, resample, ess_threshold, resample_window,
-      final_resample, num_candidates, candidate_chunk, guidance_weight, time_min, time_max.
+      final_resample, num_candidates, candidate_chunk, guidance_weight, twist_correction,
+      time_min, time_max.
 
   Returns:
     images [B, *shape] and per-sample stats: the counts of `edm.cost_stats`; 'ess' and
     'ess_min' (the group's normalised ESS before resampling, mean and minimum over the
     weighted steps; 1 without any), 'resamples' (resampling events of the group),
     'ancestors' (distinct initial particles left in the group), 'lineages' (their effective
-    number, `lineage_stats`), 'group_nn_dist' (`nearest_in_group`), 'nonfinite_step' (the
-    first step whose log weight was NaN or infinite in the group, -1 if none; such
-    particles are never drawn).
+    number, `lineage_stats`), 'group_nn_dist' (`nearest_in_group`), `weights.STAT` (the
+    first level k whose log weights, evaluated at t_k, were NaN or infinite in the group,
+    -1 if none; such particles are never drawn, and the driver refuses the group's samples).
   """
   step, cfg = _parse(settings)
   size, n = cfg.group_size, cfg.num_candidates
@@ -274,15 +280,17 @@ def smc_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Arra
     x = edm.initial_candidates(keys, jnp.arange(1), t[0], shape, latents)[:, 0]
     prev = log_w = jnp.zeros([batch])
   zeros = jnp.zeros([groups])
+  initial_bad = weights.record_first(weights.initial(groups), 0,
+                                     weights.nonfinite_rows(log_w.reshape(groups, size)))
   stats0 = dict(ess_sum=zeros, ess_min=jnp.ones([groups]), resamples=zeros.astype(jnp.int32),
-                nonfinite=jnp.full([groups], -1, jnp.int32), grads=jnp.zeros([], jnp.int32))
+                nonfinite=initial_bad, grads=jnp.zeros([], jnp.int32))
   origin = jnp.tile(jnp.arange(size), groups)
 
   def resample_step(i, x_new, x0_prev, log_w, prev, origin, acc):
     """Group ESS, resampling and statistics after the weight update of step i."""
     lw = log_w.reshape(groups, size)
-    bad = ~jnp.isfinite(lw).all(axis=1)
-    acc = dict(acc, nonfinite=jnp.where((acc['nonfinite'] < 0) & bad, i, acc['nonfinite']))
+    acc = dict(acc, nonfinite=weights.record_first(acc['nonfinite'], i + 1,
+                                                   weights.nonfinite_rows(lw)))
     ess = jax.vmap(blackjax.smc.ess.ess)(_finite(lw)) / size
     trigger = jnp.full([groups], size > 1)
     if cfg.ess_threshold is not None and size > 1:
@@ -311,6 +319,7 @@ def smc_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Arra
         draw_w, correction, ran = _twisted(discriminator, x, m, c, s, keys, i, t,
                                            class_labels, cfg)
         acc_i = dict(acc, grads=acc['grads'] + ran.astype(jnp.int32))
+        correction = correction if cfg.twist_correction else None
       else:
         draw_w, correction, acc_i = draw, None, acc
       x_new, new_prev, log_mean = sir(draw_w, t[i + 1], skeys, correction)
@@ -340,7 +349,7 @@ def smc_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Arra
   ancestors, lineages = lineage_stats(origin, size)
   per_group = dict(ess=jnp.where(weighted.any(), acc['ess_sum'] / max(weighted.sum(), 1), 1.0),
                    ess_min=acc['ess_min'], resamples=acc['resamples'], ancestors=ancestors,
-                   lineages=lineages, nonfinite_step=acc['nonfinite'])
+                   lineages=lineages, **{weights.STAT: acc['nonfinite']})
   stats.update({k: jnp.repeat(v, size) for k, v in per_group.items()})
   stats['group_nn_dist'] = nearest_in_group(x, size)
   return x, stats
