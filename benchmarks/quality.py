@@ -157,6 +157,12 @@ ENTRIES = (
     Tuned('isir ancestral N=8 K=1 scale', 'isir_ancestral',
           dict(num_candidates=8, num_iterations=1), 'weight_scale', (4.0, 8.0), 1.0,
           'ancestral'),
+    # SMC over groups of G consecutive samples (ancestral kernel, resampling every step).
+    Tuned('smc ancestral G', 'smc', {}, 'group_size', (8, 16, 64), 16, 'ancestral',
+          config_section='smc'),
+    # The guided ancestral kernel alone (DG's term in the mean, G = 1: no weights).
+    Row('guided ancestral w=2 (smc G=1)', 'smc', dict(group_size=1, guidance_weight=2.0),
+        'ancestral'),
 )
 ENTRY = {e.label: e for e in ENTRIES}
 # The entries of each testbed (their same-kernel baselines join automatically). Left out for
@@ -166,7 +172,7 @@ SWEEPS = {
     'skew': tuple(ENTRY),
     'natural': ('edm', CONTROL, 'edm churn', 'edm ancestral', 'dg w1=2 (paper)', 'dg w1',
                 'diffrs p=0.75 (paper)', 'isir churn N=4 K=1', 'isir ancestral N=8 K=1',
-                'isir churn N=4 K=1 scale'),
+                'isir churn N=4 K=1 scale', 'smc ancestral G'),
 }
 TINY_SWEEP = ('edm', CONTROL, 'isir churn N=4 K=1', 'dg w1')
 TINY_CANDIDATES = 2   # the first candidates of a tuned knob under --tiny

@@ -1,9 +1,9 @@
-"""The bundled handwritten-digits demo: 8x8 digits, small trained networks, four methods.
+"""The bundled handwritten-digits demo: 8x8 digits, small trained networks, five methods.
 
 ``--config=configs/digits.py[:METHOD][,all][,tiny]``: METHOD (edm | dg | diffrs | isir |
-isir_stochastic | isir_ancestral, default isir_stochastic) sets ``config.sampler`` for
+isir_stochastic | isir_ancestral | smc, default isir_stochastic) sets ``config.sampler`` for
 ``--mode=sample``; ``--mode=demo`` samples with every method of ``config.demo.methods``
-(EDM and ISIR, which fit the 2-minute budget of ``make demo``; ``all`` adds DG and DiffRS)
+(EDM, ISIR and SMC, which fit the 2-minute budget of ``make demo``; ``all`` adds DG and DiffRS)
 and prints a table. The models are the committed assets under ``isir_jax/assets/digits/``,
 reproduced by the ``--mode=train_*`` commands of the README (in that order):
 
@@ -95,9 +95,9 @@ def train_config(models: str) -> ml_collections.ConfigDict:
 # papers' defaults and the scale 4 found on the testbed.
 TUNED = {
     'skew': {'dg': {'dg_weight_1st_order': 2.0}, 'diffrs': {'rej_percentile': 0.75},
-             'isir_scaled': {'weight_scale': 4.0}},
+             'isir_scaled': {'weight_scale': 4.0}, 'smc': {'group_size': 16}},
     'natural': {'dg': {'dg_weight_1st_order': 2.0}, 'diffrs': {'rej_percentile': 0.75},
-                'isir_scaled': {'weight_scale': 4.0}},
+                'isir_scaled': {'weight_scale': 4.0}, 'smc': {'group_size': 16}},
 }
 
 
@@ -128,6 +128,10 @@ def demo_samplers(tuned: dict | None = None) -> ml_collections.ConfigDict:
       # (held-out accuracy 0.6), so the plain weights correct too little (benchmarks/quality).
       'isir_scaled': dict(name='isir', num_candidates=4, num_iterations=1, weight_scale=4.0,
                           **step, **churn),
+      # SMC: log-weights d(x', t') - d(x, t) carried across the ancestral steps, resampled
+      # every step within groups of group_size consecutive samples: 1 NFE and one
+      # discriminator evaluation per step (group_size chosen on validation seeds, TUNED).
+      'smc': dict(name='smc', proposal='ancestral', eta=1.0, group_size=16, **step),
   })
   for section, settings in (tuned or {}).items():
     sections[section].update(settings)
@@ -155,9 +159,9 @@ def get_config(arg: str | None = None):
   config.data.path = os.path.join(ASSETS, 'digits.npz')   # real digits, [-1, 1] NHWC on load
 
   config.demo = ml_collections.ConfigDict()
-  config.demo.methods = (('edm', 'dg', 'diffrs', 'isir_stochastic', 'isir_scaled') if 'all' in flags
-                         else ('edm', 'isir_stochastic', 'isir_scaled'))
-  config.demo.num_samples = 500         # per method, one batch (the 2-minute budget)
+  config.demo.methods = (('edm', 'dg', 'diffrs', 'isir_stochastic', 'isir_scaled', 'smc')
+                         if 'all' in flags else ('edm', 'isir_stochastic', 'isir_scaled', 'smc'))
+  config.demo.num_samples = 512         # per method, one batch (whole SMC groups)
   config.demo.min_fd_samples = 1000     # FD-digits is shown from this many samples on
   config.demo.grid_samples = 400        # digits per PNG grid, sorted by predicted class
   config.demo.xla_cache = 'workdir/xla_cache'   # persistent compilation cache ('' disables)
@@ -178,6 +182,7 @@ def get_config(arg: str | None = None):
     default.apply_tiny(config)
     apply_tiny_training(config.train)
     config.demo.num_samples = 8       # the samplers keep 18 steps (the DiffRS thresholds' length)
+    config.demo.samplers.smc.group_size = 2
     config.demo.grid_samples = 8
     config.demo.warmup_samples = 8
   return config
