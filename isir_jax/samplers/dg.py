@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from isir_jax import vpsde
-from isir_jax.samplers import churn, edm, schedule
+from isir_jax.samplers import checks, churn, edm, schedule
 
 Array = jax.Array
 
@@ -42,11 +42,11 @@ class DGSettings:
 
 
 def _parse(settings: dict) -> tuple[edm.StepSettings, DGSettings]:
-  step, rest = edm.split_settings(settings)
+  step, dg = checks.parse_settings('dg', settings, edm.StepSettings, DGSettings)
   if step.proposal != 'churn':
     raise ValueError(f"dg: guidance acts on EDM's churned step; proposal must be 'churn', got "
                      f'{step.proposal!r}')
-  return step, DGSettings(**rest)
+  return step, dg
 
 
 def windowed_guidance(discriminator, x: Array, sigma: Array, class_labels: Optional[Array],
@@ -76,6 +76,7 @@ def windowed_guidance(discriminator, x: Array, sigma: Array, class_labels: Optio
   return g, log_ratio, inside
 
 
+@checks.sample_function('dg', uses='guidance')
 def dg_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Array] = None,
               latents: Optional[Array] = None, *, shape, **settings) -> tuple[Array, dict]:
   """EDM-G++ sampling with discriminator guidance (and optional boosting).
@@ -150,6 +151,4 @@ def dg_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Array
 
 def dg_sampler(denoiser, discriminator=None, *, shape, **settings) -> Callable:
   """Registry factory: ``dg_sampler(denoiser, discriminator, shape=...)(keys)``."""
-  if discriminator is None:
-    raise ValueError('dg sampler: a discriminator is required (got None)')
   return edm.make_sampler(dg_sample, _parse, denoiser, discriminator, shape=shape, **settings)

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from isir_jax.samplers import churn, edm, schedule
+from isir_jax.samplers import checks, churn, edm, schedule
 
 Array = jax.Array
 
@@ -72,9 +72,7 @@ def warmup_log_ratios(denoiser, discriminator, keys: Array,
     shape: static image shape.
     **settings: `edm.StepSettings` fields, the same as the DiffRS sampler will use.
   """
-  step, rest = edm.split_settings(settings)
-  if rest:
-    raise TypeError(f'diffrs.warmup_log_ratios: unknown settings {sorted(rest)}')
+  step, = checks.parse_settings('diffrs warm-up', settings, edm.StepSettings)
   t = step.sigmas(denoiser)
   batch = keys.shape[0]
   first = jnp.arange(1)
@@ -114,7 +112,11 @@ def estimate_thresholds(denoiser, discriminator, keys: Array,
 
 @dataclasses.dataclass(frozen=True)
 class DiffRSSettings:
+  """DiffRS settings. The thresholds are given as arrays, or as warm-up log ratios and the
+  quantile to take of them (what `estimate_thresholds` does)."""
   thresholds: Union[Thresholds, tuple, dict, None] = None   # arrays (io.load_thresholds reads files)
+  warmup_log_ratios: Any = None         # [S, n + 1] warm-up log ratios (instead of thresholds)
+  rej_percentile: Optional[float] = None  # their quantile giving the thresholds
   backsteps: int = 1
   min_backsteps: int = 0
   max_backsteps: Optional[int] = None   # default: num_steps
@@ -123,13 +125,21 @@ class DiffRSSettings:
   max_loops: Optional[int] = None       # safety cap on loop iterations
 
   def load(self, num_steps: int) -> Thresholds:
+    """The thresholds [n + 1] each, from ``thresholds`` or the warm-up log ratios."""
+    if self.warmup_log_ratios is not None or self.rej_percentile is not None:
+      return self._from_warmup(num_steps)
     th = self.thresholds
     if th is None:
       raise ValueError('diffrs: thresholds are required (diffrs.estimate_thresholds, or '
-                       'io.load_thresholds of an npz from io.save_thresholds)')
+                       'io.load_thresholds of an npz from io.save_thresholds), or '
+                       'warmup_log_ratios with rej_percentile')
     if isinstance(th, (str, bytes, os.PathLike)):
       raise TypeError(f'diffrs: thresholds must be arrays (log_ratio, increment), got the path '
                       f'{th!r}; read the file with isir_jax.io.load_thresholds')
+    if isinstance(th, tuple) and len(th) == 2 and isinstance(th[0], Thresholds):
+      raise TypeError('diffrs: thresholds got the pair (thresholds, warm-up log ratios) that '
+                      'estimate_thresholds returns; pass its first element, '
+                      'thresholds=estimate_thresholds(...)[0]')
     th = Thresholds(**th) if isinstance(th, dict) else Thresholds(*th)
     th = Thresholds(*(np.asarray(v, np.float32) for v in th))
     for name, v in zip(Thresholds._fields, th):
@@ -138,13 +148,28 @@ class DiffRSSettings:
                          f'{num_steps + 1} entries, got shape {v.shape}')
     return th
 
+  def _from_warmup(self, num_steps: int) -> Thresholds:
+    if self.thresholds is not None:
+      raise ValueError('diffrs: give thresholds, or warmup_log_ratios with rej_percentile, '
+                       'not both')
+    if self.warmup_log_ratios is None or self.rej_percentile is None:
+      raise ValueError(
+          'diffrs: rej_percentile and warmup_log_ratios go together (the thresholds are the '
+          'rej_percentile quantile of the warm-up log ratios [S, num_steps + 1], '
+          'estimate_thresholds(...)[1]); got '
+          f'{"rej_percentile" if self.warmup_log_ratios is None else "warmup_log_ratios"} alone')
+    log_r = np.asarray(self.warmup_log_ratios)
+    if log_r.ndim != 2 or log_r.shape[1] != num_steps + 1:
+      raise ValueError(f'diffrs: warmup_log_ratios must have shape [S, num_steps + 1 = '
+                       f'{num_steps + 1}], got {log_r.shape}')
+    return thresholds_from_log_ratios(log_r, self.rej_percentile)
+
 
 def _parse(settings: dict) -> tuple[edm.StepSettings, DiffRSSettings, Thresholds]:
-  step, rest = edm.split_settings(settings)
+  step, cfg = checks.parse_settings('diffrs', settings, edm.StepSettings, DiffRSSettings)
   if step.proposal == 'dpmpp_2m_sde':
     raise ValueError("diffrs: proposal='dpmpp_2m_sde' needs the previous step's denoiser "
                      "output, undefined after a back-step; use 'churn' or 'ancestral'")
-  cfg = DiffRSSettings(**rest)
   if cfg.backsteps < 0 or cfg.min_backsteps < 0:
     raise ValueError(f'diffrs: backsteps and min_backsteps must be >= 0, got '
                      f'{cfg.backsteps}, {cfg.min_backsteps}')
@@ -335,6 +360,7 @@ def _iteration(run: _Run, state: tuple) -> tuple:
   return ln, out, out_stats, next_sample + jnp.sum(done), loop + 1
 
 
+@checks.sample_function('diffrs', uses='log_ratio')
 def diffrs_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Array] = None,
                   latents: Optional[Array] = None, *, shape, **settings) -> tuple[Array, dict]:
   """DiffRS sampling (see the module docstring).
@@ -345,7 +371,8 @@ def diffrs_sample(denoiser, discriminator, keys: Array, class_labels: Optional[A
     class_labels: [B, label_dim] or None.
     latents: optional [B, *shape] first prior draws (later draws come from the keys).
     shape: static image shape.
-    **settings: `edm.StepSettings` fields plus thresholds (required), backsteps (1),
+    **settings: `edm.StepSettings` fields plus thresholds (required, or
+      warmup_log_ratios [S, n + 1] with rej_percentile, their quantile), backsteps (1),
       min_backsteps (0), max_backsteps (num_steps), max_iter, slots, max_loops.
 
   Returns:
@@ -376,6 +403,4 @@ def diffrs_sample(denoiser, discriminator, keys: Array, class_labels: Optional[A
 
 def diffrs_sampler(denoiser, discriminator=None, *, shape, **settings) -> Callable:
   """Registry factory: ``diffrs_sampler(denoiser, discriminator, shape=..., thresholds=...)``."""
-  if discriminator is None:
-    raise ValueError('diffrs sampler: a discriminator is required (got None)')
   return edm.make_sampler(diffrs_sample, _parse, denoiser, discriminator, shape=shape, **settings)

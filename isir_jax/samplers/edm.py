@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from isir_jax.samplers import schedule
+from isir_jax.samplers import checks, schedule
 from isir_jax.samplers.churn import edm_step_scan, per_row
 
 Array = jax.Array
@@ -163,7 +163,8 @@ class StepSettings:
 
 
 def split_settings(settings: dict) -> tuple[StepSettings, dict]:
-  """Separates the `StepSettings` fields from a sampler's other settings."""
+  """Separates the `StepSettings` fields from a sampler's other settings (unchecked; a
+  sampler's parser uses `checks.parse_settings`, which names unknown settings)."""
   names = {f.name for f in dataclasses.fields(StepSettings)}
   step = StepSettings(**{k: v for k, v in settings.items() if k in names})
   return step, {k: v for k, v in settings.items() if k not in names}
@@ -288,6 +289,7 @@ def proposals(denoiser, state: tuple, keys: Array, i, t: Array,
   return draw, (None if x0_prev is None else x0)
 
 
+@checks.sample_function('edm', uses=None)
 def edm_sample(denoiser, keys: Array, class_labels: Optional[Array] = None,
                latents: Optional[Array] = None, *, shape, **settings) -> tuple[Array, dict]:
   """EDM sampling with any proposal kernel: by default the Heun/Euler ODE, or stochastic
@@ -322,21 +324,22 @@ def edm_sample(denoiser, keys: Array, class_labels: Optional[Array] = None,
 
 def make_sampler(sample: Callable, parse: Callable[[dict], Any], denoiser, discriminator=None,
                  *, shape, **settings) -> Callable:
-  """Binds a sampler's model(s) and static settings: ``sample_fn(keys, class_labels, latents)``.
+  """Binds a sampler's model(s) and settings: ``sample_fn(keys, class_labels, latents)``.
 
-  ``parse(settings)`` validates the settings now, so mistakes surface at construction.
-  A discriminator is passed on only when given (EDM takes none).
+  Everything that can be checked before sampling is checked now: the models against the
+  protocols (`checks.check_models`, for a ``sample`` marked by `checks.sample_function`) and
+  ``parse(settings)``. A discriminator is passed on only when the sampler uses one.
   """
+  uses = getattr(sample, 'uses', 'log_ratio' if discriminator is not None else None)
+  name = getattr(sample, 'sampler_name', sample.__name__.replace('_sample', ''))
+  checks.check_models(name, denoiser, discriminator, uses)
   parse(settings)
-  args = (denoiser,) if discriminator is None else (denoiser, discriminator)
+  args = (denoiser,) if uses is None else (denoiser, discriminator)
   return functools.partial(sample, *args, shape=tuple(shape), **settings)
 
 
 def _parse(settings: dict) -> StepSettings:
-  step, rest = split_settings(settings)
-  if rest:
-    raise TypeError(f'edm sampler: unknown settings {sorted(rest)}')
-  return step
+  return checks.parse_settings('edm', settings, StepSettings)[0]
 
 
 def edm_sampler(denoiser, discriminator=None, *, shape, **settings) -> Callable:

@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from isir_jax.samplers import edm, schedule
+from isir_jax.samplers import checks, edm, schedule
 
 Array = jax.Array
 IntOrSteps = Union[int, Sequence[int]]
@@ -118,8 +118,7 @@ class ISIRSettings:
 
 
 def _parse(settings: dict) -> tuple[edm.StepSettings, ISIRSettings]:
-  step, rest = edm.split_settings(settings)
-  cfg = ISIRSettings(**rest)
+  step, cfg = checks.parse_settings('isir', settings, edm.StepSettings, ISIRSettings)
   n, _ = cfg.per_step(step.num_steps)
   if n.max() > 1 and not step.stochastic:
     if step.shared_mean:
@@ -238,6 +237,7 @@ def isir_chain(propose: Callable, choice_keys: Array, n_active, n_max: int, iter
   return pick, pick_lw, ess / iterations
 
 
+@checks.sample_function('isir', uses='log_ratio')
 def isir_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Array] = None,
                 latents: Optional[Array] = None, *, shape, **settings) -> tuple[Array, dict]:
   """Diffusion ISIR sampling (see the module docstring for the method).
@@ -376,6 +376,4 @@ def _isir(denoiser, discriminator, keys, class_labels, latents, shape, step, chu
 
 def isir_sampler(denoiser, discriminator=None, *, shape, **settings) -> Callable:
   """Registry factory: ``isir_sampler(denoiser, discriminator, shape=..., S_churn=..., ...)``."""
-  if discriminator is None:
-    raise ValueError('isir sampler: a discriminator is required (got None)')
   return edm.make_sampler(isir_sample, _parse, denoiser, discriminator, shape=shape, **settings)
