@@ -79,10 +79,11 @@ def check_keys(name: str, keys) -> int:
   """Checks that ``keys`` hold one key per sample; returns the batch size B."""
   keys = jnp.asarray(keys) if not hasattr(keys, 'shape') else keys
   typed = jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key)
-  batch_ndim = 1 if typed else 2   # raw uint32 keys carry the key data as a last axis
-  if keys.ndim != batch_ndim or not (typed or jnp.issubdtype(keys.dtype, jnp.unsignedinteger)):
-    what = ('a single key' if keys.ndim == batch_ndim - 1 else f'an array of shape {keys.shape} '
-            f'and dtype {keys.dtype}')
+  raw = jnp.issubdtype(keys.dtype, jnp.unsignedinteger)   # key data as a last axis
+  batch_ndim = 1 if typed else 2
+  if not (typed or raw) or keys.ndim != batch_ndim:
+    what = (f'an array of shape {tuple(keys.shape)} and dtype {keys.dtype}'
+            if not (typed or raw) or keys.ndim != batch_ndim - 1 else 'a single key')
     raise ValueError(
         f'{name} sampler: keys must be [B] keys, one per sample, got {what}; e.g. '
         'jax.random.split(key, B) or jax.vmap(lambda i: jax.random.fold_in(key, i))'
