@@ -41,6 +41,13 @@ def parse_arg(arg: str | None, filename: str, flags: tuple[str, ...],
   return (methods[0] if methods else default_method), set(tokens) - set(methods)
 
 
+def optional(value) -> ml_collections.FieldReference:
+  """A field whose documented values include None: overridable from the command line as a
+  Python literal (``--config.sampler.candidate_chunk=None`` or ``=5``); its consumer checks
+  the type (a typed field would refuse ``None``, a None field any override)."""
+  return ml_collections.FieldReference(value, field_type=object)
+
+
 def sampler_config(method: str) -> ml_collections.ConfigDict:
   """The reference settings of a method, as ``config.sampler``."""
   s = ml_collections.ConfigDict()
@@ -89,7 +96,7 @@ def sampler_config(method: str) -> ml_collections.ConfigDict:
     # Proposals per network call, in equal pieces, to bound memory (None: all
     # N + (K-1)(N-1) proposals of a step at once). Memory grows with batch x chunk;
     # 7 divides this default's 21 proposals and the 7 of isir_stochastic.
-    s.candidate_chunk = ml_collections.FieldReference(7, field_type=int)
+    s.candidate_chunk = optional(7)
   if method == 'isir_stochastic':
     # Recommended: stochastic proposals (EDM churn), so i-SIR acts at every step with churn
     # (14 of 18: the first two and last two are outside [S_min, S_max] and run plain, 2 NFE);

@@ -54,7 +54,7 @@ def train_config(models: str) -> ml_collections.ConfigDict:
   t.denoiser = ml_collections.ConfigDict(dict(
       out=os.path.join(models, 'denoiser'),
       conditional=False,           # class-conditional denoiser (label_dim 10)
-      class_weights=None,          # per-class resampling weights (digits-skew), None: as is
+      class_weights=default.optional(None),   # per-class resampling weights (skew), None: as is
       model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,),
       p_mean=-1.2, p_std=1.2, sigma_data=0.5,
       num_steps=4000, batch_size=64, lr=2e-3, warmup_steps=200, ema_decay=0.999,

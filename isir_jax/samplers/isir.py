@@ -134,8 +134,9 @@ def _parse(settings: dict) -> tuple[edm.StepSettings, ISIRSettings]:
         'initial_only=True to run the initial-latent selection alone.')
   if cfg.weight_scale <= 0:
     raise ValueError(f'isir: weight_scale must be > 0, got {cfg.weight_scale}')
-  if cfg.candidate_chunk is not None and cfg.candidate_chunk < 1:
-    raise ValueError(f'isir: candidate_chunk must be >= 1 or None, got {cfg.candidate_chunk}')
+  chunk = cfg.candidate_chunk
+  if chunk is not None and (not isinstance(chunk, (int, np.integer)) or chunk < 1):
+    raise ValueError(f'isir: candidate_chunk must be an int >= 1 or None, got {chunk!r}')
   return step, cfg
 
 
