@@ -1,6 +1,7 @@
 """The installed package: the wheel ships the digits assets, `pretrained.digits` loads them."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -61,3 +62,17 @@ def test_the_demo_config_reads_the_packaged_settings():
   config = digits_config.get_config()
   assert config.demo.samplers.to_dict() == pretrained.DIGITS_SETTINGS
   assert config.model.denoiser == os.path.join(pretrained.model_dir('skew'), 'denoiser')
+
+
+def test_cited_documents_are_in_the_repository():
+  """The design document is the repository's own: nothing cites one that is not here."""
+  cited = set()
+  for directory, dirs, files in os.walk(ROOT):
+    dirs[:] = [d for d in dirs if not d.startswith('.') and d not in ('workdir', 'build')]
+    for name in files:
+      if name.endswith(('.py', '.md', '.sh', '.toml', 'Makefile')):
+        text = open(os.path.join(directory, name), encoding='utf-8').read()
+        assert 'DESIGN' + '.md' not in text, os.path.join(directory, name)
+        cited |= set(re.findall(r'\bdocs/[\w./-]+\.md\b', text))
+  assert 'docs/design.md' in cited
+  assert all(os.path.isfile(os.path.join(ROOT, path)) for path in cited), cited
