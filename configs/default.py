@@ -5,11 +5,14 @@ configs do: ``--config=configs/cifar10.py:isir``, ``configs/cifar10.py:dg,cond``
 ``configs/testbed.py:isir,tiny``. Any field can then be overridden from the command
 line, e.g. ``--config.sampler.num_steps=8``.
 
-``config.sampler`` holds the keyword settings of ``isir_jax.samplers.get_sampler(name)``
-(except ``name`` and DiffRS's ``rej_percentile``, ``warmup_samples`` and ``thresholds``,
-which the driver turns into thresholds); their defaults are the reference
-implementations' (EDM ``generate.py``, DG ``generate.py``, DiffRS ``generate_diffrs.py``,
-the seed's ``isir_code.py``).
+``config.sampler`` holds ``name`` and the keyword settings of
+``isir_jax.samplers.get_sampler(name)``, under the sampler's names; the driver resolves
+DiffRS's thresholds from three of them: ``thresholds`` (here the path of an npz file, in
+the sampler the arrays), else a warm-up of ``warmup_samples`` trajectories whose
+``rej_percentile`` quantile gives them (the sampler's ``rej_percentile`` means the same, with
+its ``warmup_log_ratios``). Their defaults are the reference implementations' (EDM
+``generate.py``, DG ``generate.py``, DiffRS ``generate_diffrs.py``, the seed's
+``isir_code.py``).
 """
 
 import ml_collections
