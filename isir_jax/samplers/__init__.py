@@ -22,7 +22,8 @@ from isir_jax.samplers.diffrs import (Thresholds, diffrs_sample, diffrs_sampler,
 from isir_jax.samplers.dg import dg_sample, dg_sampler
 from isir_jax.samplers.churn import edm_step
 from isir_jax.samplers.edm import StepSettings, edm_sample, edm_sampler
-from isir_jax.samplers.isir import adaptive_schedule, isir_sample, isir_sampler
+from isir_jax.samplers.isir import (adaptive_schedule, isir_sample, isir_sample_schedule,
+                                    isir_sampler)
 
 _REGISTRY = {
     'edm': edm_sampler,
@@ -34,7 +35,7 @@ _REGISTRY = {
 __all__ = [
     'StepSettings', 'Thresholds', 'adaptive_schedule', 'dg_sample', 'dg_sampler',
     'diffrs_sample', 'diffrs_sampler', 'edm_sample', 'edm_sampler', 'edm_step',
-    'estimate_thresholds', 'get_sampler', 'isir_sample', 'isir_sampler',
+    'estimate_thresholds', 'get_sampler', 'isir_sample', 'isir_sample_schedule', 'isir_sampler',
 ]
 
 

@@ -37,6 +37,12 @@ def _describe(obj) -> str:
   return getattr(obj, '__qualname__', None) or type(obj).__name__
 
 
+def concrete(value) -> bool:
+  """Whether a setting is a concrete value rather than traced (under ``jit`` or ``vmap``), so
+  that Python may branch on it."""
+  return not any(isinstance(v, jax.core.Tracer) for v in jax.tree_util.tree_leaves(value))
+
+
 def check_models(name: str, denoiser, discriminator, uses: Optional[str]) -> None:
   """Checks the models of sampler ``name`` against the protocols, naming every missing member.
 

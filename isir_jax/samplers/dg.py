@@ -49,6 +49,11 @@ def _parse(settings: dict) -> tuple[edm.StepSettings, DGSettings]:
   return step, dg
 
 
+def _off(weight) -> bool:
+  """Whether a guidance weight is a concrete 0 (a traced weight may act: it is applied)."""
+  return checks.concrete(weight) and weight == 0
+
+
 def windowed_guidance(discriminator, x: Array, sigma: Array, class_labels: Optional[Array],
                       time_min, time_max) -> tuple[Array, Array, Array]:
   """The discriminator's `guidance` inside DG's time window, per sample.
@@ -101,8 +106,8 @@ def dg_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Array
   batch = keys.shape[0]
   x0 = edm.initial_candidates(keys, jnp.arange(1), t[0], shape, latents)[:, 0]
 
-  def guide(weight: float, i, boost_weight: bool) -> Optional[Callable]:
-    if weight == 0:
+  def guide(weight, i, boost_weight: bool) -> Optional[Callable]:
+    if _off(weight):
       return None
 
     def fn(x, sigma):
@@ -120,7 +125,7 @@ def dg_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Array
     """Guidance calls of a step: the first order's, and the second order's in the Heun stage
     (counted from the window, as the Heun stage's output is only the state)."""
     count = jnp.zeros([], jnp.int32) if ran1 is None else ran1.astype(jnp.int32)
-    if dg.dg_weight_2nd_order != 0 and heun is not None:
+    if not _off(dg.dg_weight_2nd_order) and heun is not None:
       inside = jnp.any(vpsde.in_window(t_next, dg.time_min, dg.time_max))
       count = count + (inside & heun).astype(jnp.int32)
     return count

@@ -123,6 +123,7 @@ class DiffRSSettings:
   max_iter: int = 999999
   slots: Optional[int] = None           # lanes; default: the batch size
   max_loops: Optional[int] = None       # safety cap on loop iterations
+  step_stats: bool = False              # also report tests and accepts per level
 
   def load(self, num_steps: int) -> Thresholds:
     """The thresholds [n + 1] each, from ``thresholds`` or the warm-up log ratios."""
@@ -188,6 +189,8 @@ class _Lanes(NamedTuple):
   tests: Array       # [S] tests taken
   accepts: Array     # [S] tests accepted
   restarts: Array    # [S] max_iter restarts
+  level_tests: Array    # [S, n + 1] tests taken at each level
+  level_accepts: Array  # [S, n + 1] tests accepted at each level
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,8 +250,9 @@ def _fresh(run: _Run, sample: Array) -> _Lanes:
   x = edm.initial_candidates(run.keys[s], jnp.arange(1), run.t[0], run.shape,
                              None if run.latents is None else run.latents[s])[:, 0]
   zeros = jnp.zeros_like(sample)
+  levels = jnp.zeros(sample.shape + (run.n + 1,), sample.dtype)
   return _Lanes(sample, x, zeros, run.test_at(zeros, False), jnp.zeros(sample.shape), zeros,
-                zeros, zeros, zeros, zeros, zeros)
+                zeros, zeros, zeros, zeros, zeros, levels, levels)
 
 
 def _test(run: _Run, ln: _Lanes, ekeys: Array, labels: Optional[Array]
@@ -309,7 +313,8 @@ def _emit(out: Array, out_stats: dict, ln: _Lanes, rows: Array, finished: bool
   rate = jnp.where(ln.tests > 0, ln.accepts / jnp.maximum(ln.tests, 1), 1.0)
   new = dict(nfe=ln.nfe, disc_evals=ln.events, disc_grads=jnp.zeros_like(ln.nfe),
              accept_rate=rate, restarts=ln.restarts,
-             finished=jnp.full(rows.shape, finished))
+             finished=jnp.full(rows.shape, finished), level_tests=ln.level_tests,
+             level_accepts=ln.level_accepts)
   out_stats = {k: v.at[rows].set(new[k].astype(v.dtype), mode='drop')
                for k, v in out_stats.items()}
   return out.at[rows].set(ln.x, mode='drop'), out_stats
@@ -350,7 +355,10 @@ def _iteration(run: _Run, state: tuple) -> tuple:
   test = jnp.where(stepping, run.test_at(idx, True),
                    jnp.where(rejected, run.test_at(idx, False), ln.test))
   nfe_add = jnp.where(stepping, run.step_nfe[k], 0)
+  at_level = jax.nn.one_hot(ln.idx, n + 1, dtype=ln.level_tests.dtype)   # tests at level idx
   ln = ln._replace(
+      level_tests=ln.level_tests + at_level * taken[:, None],
+      level_accepts=ln.level_accepts + at_level * (taken & accept)[:, None],
       x=x, idx=idx, test=test, log_r_prev=jnp.where(stepping, d, ln.log_r_prev),
       events=ln.events + active, nfe_run=ln.nfe_run + nfe_add, nfe=ln.nfe + nfe_add,
       tests=ln.tests + taken, accepts=ln.accepts + (taken & accept))
@@ -373,13 +381,15 @@ def diffrs_sample(denoiser, discriminator, keys: Array, class_labels: Optional[A
     shape: static image shape.
     **settings: `edm.StepSettings` fields plus thresholds (required, or
       warmup_log_ratios [S, n + 1] with rej_percentile, their quantile), backsteps (1),
-      min_backsteps (0), max_backsteps (num_steps), max_iter, slots, max_loops.
+      min_backsteps (0), max_backsteps (num_steps), max_iter, slots, max_loops, step_stats.
 
   Returns:
     images [B, *shape] and stats: the counts of `edm.cost_stats` ('nfe', restarts
     included, 'disc_evals', 'disc_grads' = 0; see the module docstring), 'accept_rate'
     (accepted / taken tests; 1 when none), 'restarts', 'finished' (False only if the
-    ``max_loops`` cap stopped the loop first; the stats of such a sample are those so far).
+    ``max_loops`` cap stopped the loop first; the stats of such a sample are those so far)
+    and, with ``step_stats``, 'level_tests' and 'level_accepts' [B, num_steps + 1] (tests
+    taken and accepted at each level k; the acceptance rate of level k is their ratio).
   """
   step, cfg, th = _parse(settings)
   run = _Run.create(denoiser, discriminator, keys, class_labels, latents, shape, step, cfg, th)
@@ -394,6 +404,9 @@ def diffrs_sample(denoiser, discriminator, keys: Array, class_labels: Optional[A
   out = jnp.zeros((batch,) + run.shape, jnp.float32)
   out_stats = dict(edm.cost_stats(batch, 0), accept_rate=jnp.zeros([batch]),
                    restarts=jnp.zeros([batch], jnp.int32), finished=jnp.zeros([batch], bool))
+  if cfg.step_stats:
+    out_stats.update(level_tests=jnp.zeros([batch, run.n + 1], jnp.int32),
+                     level_accepts=jnp.zeros([batch, run.n + 1], jnp.int32))
   ln, out, out_stats, _, _ = lax.while_loop(
       cond, functools.partial(_iteration, run),
       (_fresh(run, jnp.arange(lanes)), out, out_stats, jnp.asarray(lanes), jnp.asarray(0)))

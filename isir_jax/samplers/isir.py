@@ -99,6 +99,7 @@ class ISIRSettings:
   candidate_chunk: Optional[int] = None      # candidates per call (None: all at once)
   initial_only: bool = False                 # i-SIR on the initial latent only
   weight_scale: float = 1.0                  # weights exp(scale * d): > 1 sharpens a weak d
+  step_stats: bool = False                   # also report the ESS of every step ('ess_steps')
 
   def per_step(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-step (N_i, K_i) int arrays [num_steps]; (1, 1) everywhere if `initial_only`."""
@@ -132,7 +133,7 @@ def _parse(settings: dict) -> tuple[edm.StepSettings, ISIRSettings]:
         f'{cfg.num_candidates} candidates of a reverse step would all be the same point and '
         'only the initial-latent stage would act. Use a stochastic proposal, or '
         'initial_only=True to run the initial-latent selection alone.')
-  if cfg.weight_scale <= 0:
+  if checks.concrete(cfg.weight_scale) and cfg.weight_scale <= 0:
     raise ValueError(f'isir: weight_scale must be > 0, got {cfg.weight_scale}')
   chunk = cfg.candidate_chunk
   if chunk is not None and (not isinstance(chunk, (int, np.integer)) or chunk < 1):
@@ -255,21 +256,22 @@ def isir_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Arr
       for 'churn', eta > 0 for the shared-mean kernels) plus num_candidates (N, int or per
       step), num_iterations (K, int or per step), candidate_chunk, initial_only,
       weight_scale (weights ``exp(weight_scale * d)``; 1 is the i-SIR target, > 1 sharpens
-      an under-confident discriminator's correction).
+      an under-confident discriminator's correction; may be traced), step_stats.
 
   Returns:
     images [B, *shape] and stats: the counts of `edm.cost_stats` ('nfe', 'disc_evals',
     'disc_grads' = 0; steps with a deterministic proposal count one plain step), 'ess' [B]
     (mean over the corrected steps of the normalised ESS of the i-SIR weights, averaged over
     iterations; 1 when no step is corrected), 'ess_initial' [B] (the same for the initial
-    stage).
+    stage) and, with ``step_stats``, 'ess_steps' [B, num_steps] (each step's; NaN where the
+    step is not corrected).
   """
   step, cfg = _parse(settings)
   n_steps, k_steps = cfg.per_step(step.num_steps)
   n0, k0 = cfg.initial()
   return _isir(denoiser, discriminator, keys, class_labels, latents, shape, step,
                cfg.candidate_chunk, n_steps, k_steps, n0, k0, int(n_steps.max()), n0,
-               cfg.weight_scale)
+               cfg.weight_scale, cfg.step_stats)
 
 
 def isir_sample_schedule(denoiser, discriminator, keys: Array, num_candidates: Array,
@@ -297,11 +299,11 @@ def isir_sample_schedule(denoiser, discriminator, keys: Array, num_candidates: A
   k_steps = jnp.broadcast_to(jnp.asarray(num_iterations, jnp.int32), (step.num_steps,))
   return _isir(denoiser, discriminator, keys, class_labels, latents, shape, step,
                cfg.candidate_chunk, n_steps, k_steps, jnp.max(n_steps), jnp.max(k_steps),
-               max_candidates, max_candidates, cfg.weight_scale)
+               max_candidates, max_candidates, cfg.weight_scale, cfg.step_stats)
 
 
 def _isir(denoiser, discriminator, keys, class_labels, latents, shape, step, chunk, n_steps,
-          k_steps, n0, k0, n_max: int, n0_max: int, weight_scale: float):
+          k_steps, n0, k0, n_max: int, n0_max: int, weight_scale, step_stats: bool):
   """The sampler with per-step N, K [n] and initial n0, k0 (static or traced) and static
   candidate batch sizes ``n_max`` (steps) and ``n0_max`` (initial stage)."""
   t = step.sigmas(denoiser)
@@ -333,7 +335,7 @@ def _isir(denoiser, discriminator, keys, class_labels, latents, shape, step, chu
   x0, _, ess0 = isir_chain(propose_latent, lkeys, n0, n0_max, k0, chunk)
 
   def body(carry, i, heun):
-    state, ess_sum = carry
+    state, ess_sum, ess_steps = carry
     draw, x0_prev = edm.proposals(denoiser, state, keys, i, t, class_labels, step, heun)
 
     def corrected(_):
@@ -353,9 +355,13 @@ def _isir(denoiser, discriminator, keys, class_labels, latents, shape, step, chu
       x, ess = (corrected if noisy.all() else plain)(None)
     else:
       x, ess = lax.cond(jnp.asarray(noisy)[i], corrected, plain, None)
-    return (x, x0_prev), ess_sum + ess
+    if ess_steps is not None:
+      ess_steps = ess_steps.at[:, i].set(ess)
+    return (x, x0_prev), ess_sum + ess, ess_steps
 
-  (x, _), ess_sum = edm.run_steps(body, (edm.initial_state(x0, step), jnp.zeros([batch])), step)
+  (x, _), ess_sum, ess_steps = edm.run_steps(
+      body, (edm.initial_state(x0, step), jnp.zeros([batch]),
+             jnp.zeros([batch, step.num_steps]) if step_stats else None), step)
   # The method's counts: P_i = N_i + (K_i-1)(N_i-1) proposals where the step is corrected,
   # 1 elsewhere; each proposal is one discriminator evaluation and (churn) `step.nfe(i)`
   # denoiser evaluations; a shared-mean step is one denoiser evaluation.
@@ -372,6 +378,8 @@ def _isir(denoiser, discriminator, keys, class_labels, latents, shape, step, chu
   stats['ess'] = jnp.where(corrected_steps.any(), ess_sum / jnp.maximum(corrected_steps.sum(), 1),
                            1.0)
   stats['ess_initial'] = ess0
+  if step_stats:
+    stats['ess_steps'] = jnp.where(corrected_steps, ess_steps, jnp.nan)
   return x, stats
 
 
