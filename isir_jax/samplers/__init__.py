@@ -11,8 +11,11 @@
 Every factory has the signature ``factory(denoiser, discriminator=None, *, shape, **settings)``
 and returns the pure ``sample_fn(keys, class_labels=None, latents=None) -> (images, stats)``,
 with one key per sample. Settings: `edm.StepSettings` (num_steps, sigma_min, sigma_max, rho,
-solver, S_churn, S_min, S_max, S_noise, proposal, eta) plus each method's own (see its module).
-Stats hold the per-sample cost counts 'nfe', 'disc_evals', 'disc_grads' (`edm.cost_stats`).
+noise_levels, solver, S_churn, S_min, S_max, S_noise, proposal, eta) plus each method's own
+(see its factory). Stats hold the per-sample cost counts 'nfe', 'disc_evals', 'disc_grads'
+(`edm.cost_stats`). The pure ``*_sample`` functions take the models as arguments; models are
+checked against `isir_jax.types` (plain functions: `isir_jax.as_denoiser`,
+`isir_jax.as_discriminator`), inputs and settings by `checks`.
 """
 
 from typing import Callable

@@ -415,5 +415,12 @@ def diffrs_sample(denoiser, discriminator, keys: Array, class_labels: Optional[A
 
 
 def diffrs_sampler(denoiser, discriminator=None, *, shape, **settings) -> Callable:
-  """Registry factory: ``diffrs_sampler(denoiser, discriminator, shape=..., thresholds=...)``."""
+  """DiffRS's factory: ``diffrs_sampler(denoiser, discriminator, *, shape, **settings)``
+  returns ``sample_fn(keys, class_labels=None, latents=None) -> (images, stats)``.
+
+  Settings: `edm.StepSettings` fields plus thresholds (or warmup_log_ratios with
+  rej_percentile), backsteps, min_backsteps, max_backsteps, max_iter, slots, max_loops,
+  step_stats (`diffrs_sample`). Stats: 'nfe', 'disc_evals', 'disc_grads' = 0, 'accept_rate',
+  'restarts', 'finished' (and 'level_tests', 'level_accepts' with step_stats).
+  """
   return edm.make_sampler(diffrs_sample, _parse, denoiser, discriminator, shape=shape, **settings)

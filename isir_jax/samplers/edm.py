@@ -385,6 +385,9 @@ def _parse(settings: dict) -> StepSettings:
 
 
 def edm_sampler(denoiser, discriminator=None, *, shape, **settings) -> Callable:
-  """Registry factory: ``edm_sampler(denoiser, shape=...)(keys) -> (images, stats)``."""
+  """EDM's factory: ``edm_sampler(denoiser, *, shape, **settings)`` returns ``sample_fn(keys, class_labels=None, latents=None) -> (images, stats)``.
+
+  Settings: the `StepSettings` fields. Stats: 'nfe', 'disc_evals' = 'disc_grads' = 0.
+  """
   del discriminator  # EDM does not use one.
   return make_sampler(edm_sample, _parse, denoiser, shape=shape, **settings)

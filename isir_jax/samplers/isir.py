@@ -384,5 +384,10 @@ def _isir(denoiser, discriminator, keys, class_labels, latents, shape, step, chu
 
 
 def isir_sampler(denoiser, discriminator=None, *, shape, **settings) -> Callable:
-  """Registry factory: ``isir_sampler(denoiser, discriminator, shape=..., S_churn=..., ...)``."""
+  """ISIR's factory: ``isir_sampler(denoiser, discriminator, *, shape, **settings)`` returns ``sample_fn(keys, class_labels=None, latents=None) -> (images, stats)``.
+
+  Settings: `edm.StepSettings` fields plus num_candidates, num_iterations, candidate_chunk,
+  initial_only, weight_scale, step_stats (`isir_sample`). Stats: 'nfe', 'disc_evals',
+  'disc_grads' = 0, 'ess', 'ess_initial' (and 'ess_steps' with step_stats).
+  """
   return edm.make_sampler(isir_sample, _parse, denoiser, discriminator, shape=shape, **settings)
