@@ -155,7 +155,8 @@ def dg_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Array
 
 
 def dg_sampler(denoiser, discriminator=None, *, shape, **settings) -> Callable:
-  """DG's factory: ``dg_sampler(denoiser, discriminator, *, shape, **settings)`` returns ``sample_fn(keys, class_labels=None, latents=None) -> (images, stats)``.
+  """DG's factory: ``dg_sampler(denoiser, discriminator, *, shape, **settings)``
+  returns ``sample_fn(keys, class_labels=None, latents=None) -> (images, stats)``.
 
   Settings: `edm.StepSettings` fields plus dg_weight_1st_order, dg_weight_2nd_order,
   time_min, time_max, boosting (`dg_sample`). Stats: 'nfe', 'disc_evals' = 0, 'disc_grads'.

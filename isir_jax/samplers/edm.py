@@ -385,7 +385,8 @@ def _parse(settings: dict) -> StepSettings:
 
 
 def edm_sampler(denoiser, discriminator=None, *, shape, **settings) -> Callable:
-  """EDM's factory: ``edm_sampler(denoiser, *, shape, **settings)`` returns ``sample_fn(keys, class_labels=None, latents=None) -> (images, stats)``.
+  """EDM's factory: ``edm_sampler(denoiser, *, shape, **settings)``
+  returns ``sample_fn(keys, class_labels=None, latents=None) -> (images, stats)``.
 
   Settings: the `StepSettings` fields. Stats: 'nfe', 'disc_evals' = 'disc_grads' = 0.
   """

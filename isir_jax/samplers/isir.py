@@ -384,7 +384,8 @@ def _isir(denoiser, discriminator, keys, class_labels, latents, shape, step, chu
 
 
 def isir_sampler(denoiser, discriminator=None, *, shape, **settings) -> Callable:
-  """ISIR's factory: ``isir_sampler(denoiser, discriminator, *, shape, **settings)`` returns ``sample_fn(keys, class_labels=None, latents=None) -> (images, stats)``.
+  """ISIR's factory: ``isir_sampler(denoiser, discriminator, *, shape, **settings)``
+  returns ``sample_fn(keys, class_labels=None, latents=None) -> (images, stats)``.
 
   Settings: `edm.StepSettings` fields plus num_candidates, num_iterations, candidate_chunk,
   initial_only, weight_scale, step_stats (`isir_sample`). Stats: 'nfe', 'disc_evals',
