@@ -4,7 +4,7 @@ VENV ?= .venv
 TF_VENV ?= .venv-tf
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-tf clean
+.PHONY: install demo test test-tf check-wheel clean
 
 install: $(VENV)/.installed
 
@@ -33,5 +33,19 @@ $(TF_VENV)/.installed: requirements-tf.txt
 test-tf: $(TF_VENV)/.installed
 	$(TF_VENV)/bin/python -m pytest tests_tf
 
+# The wheel as a user installs it: a fresh venv with only the wheel and requirements.txt
+# draws 16 digits with the bundled models (isir_jax.pretrained), outside the checkout.
+WHEEL_DIR := build/wheel-check
+check-wheel:
+	rm -rf $(WHEEL_DIR) && mkdir -p $(WHEEL_DIR)
+	$(PYTHON) -m pip wheel --no-deps -q -w $(WHEEL_DIR) .
+	$(PYTHON) -m venv $(WHEEL_DIR)/venv
+	$(WHEEL_DIR)/venv/bin/pip install -q -r requirements.txt $(WHEEL_DIR)/isir_jax-*.whl
+	cd $(WHEEL_DIR) && venv/bin/python -c "import jax, numpy as np; \
+	from isir_jax import pretrained; m = pretrained.digits('skew'); \
+	x, _ = jax.jit(m.sampler())(jax.random.split(jax.random.key(0), 16)); \
+	assert x.shape == (16, 8, 8, 1) and np.isfinite(x).all(); \
+	print('16 digits, predicted classes', m.feature_net.predict(np.asarray(x)).tolist())"
+
 clean:
-	rm -rf $(VENV) $(TF_VENV)
+	rm -rf $(VENV) $(TF_VENV) $(WHEEL_DIR)

@@ -10,6 +10,7 @@ it can be tested. Examples::
   python main.py --config=configs/cifar10.py:dg,cond --config.sample.num_samples=10000
 """
 
+import logging as py_logging
 import os
 import sys
 
@@ -47,14 +48,28 @@ _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Run directory for samples and scores [default: workdir/<config.name>].')
 _MODE = flags.DEFINE_enum('mode', None, list(MODES), 'What to run [default: config.mode].')
 
+# Where the project's own log lines come from (the package may be installed elsewhere).
+_PROJECT_DIRS = tuple(os.path.dirname(os.path.abspath(path)) + os.sep
+                      for path in (__file__, run_lib.__file__))
+
+
+class _ProjectInfo(py_logging.Filter):
+  """Keeps the project's INFO lines and every library's warnings: orbax and XLA's backend
+  probing log at INFO what a user of the driver need not read (``--verbosity=0`` shows all)."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.WARNING or record.pathname.startswith(_PROJECT_DIRS)
+
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   config = _CONFIG.value
   mode = _MODE.value or config.mode
-  if mode == 'demo' and not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)   # the demo's console: its table and progress bars
+  if not flags.FLAGS['verbosity'].present:
+    if mode == 'demo':
+      logging.set_verbosity(logging.WARNING)   # the demo's console: its table and progress bars
+    logging.get_absl_handler().addFilter(_ProjectInfo())
   parallel.initialize(config.distributed)
   logging.info('JAX %s', parallel.describe())
   workdir = _WORKDIR.value or os.path.join('workdir', config.name)

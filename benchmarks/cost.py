@@ -1,6 +1,6 @@
 """GFLOP per sample of the networks, from XLA's cost analysis, and of a sampler's run.
 
-DESIGN.md section 8: the cost of a sample is
+docs/design.md, "Cost accounting": the cost of a sample is
 
     nfe x GFLOP(denoiser) + disc_evals x GFLOP(discriminator forward)
         + disc_grads x GFLOP(discriminator gradient, forward + backward),

@@ -25,7 +25,7 @@ EDM with 4 steps, blurs its way to a lower class error and must not come out "be
 Tuned knobs (`Tuned`: ISIR's weight_scale, DG's w1, DiffRS's percentile, any later one) are
 chosen on the validation seeds (``--val_seeds``, default 100-104) by
 `verdicts.SELECTION_RULE`; only the chosen value runs on the test seeds (0 .. seeds-1).
-``configs/digits.py`` ``TUNED`` holds the chosen values for the demo (copy them from
+``isir_jax/pretrained.py`` ``TUNED`` holds the chosen values for the demo (copy them from
 ``quality.json`` "chosen"; a test checks that they agree).
 
 Resume by content: a stored run is reused only when the hash of its full run config
@@ -463,7 +463,7 @@ def testbed_markdown(testbed: str, rows: list[dict], selections: list[Selection]
                      f'| {"**chosen**" if v == sel.value else ""} |')
     lines.append('')
     for sel in selections:
-      where = (f'`configs/digits.py` TUNED[{testbed!r}][{sel.tuned.config_section!r}]'
+      where = (f'`isir_jax/pretrained.py` TUNED[{testbed!r}][{sel.tuned.config_section!r}]'
                f'[{sel.tuned.knob!r}]' if sel.tuned.config_section else 'no demo method')
       lines.append(f'- {sel.tuned.label}: {sel.tuned.knob} = {sel.value:g} '
                    f'({"rule" if sel.eligible else "no candidate eligible: default"}); '

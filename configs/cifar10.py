@@ -57,7 +57,7 @@ def discriminator_training(kind: str, cond: bool) -> ml_collections.ConfigDict:
       gen_dir=f'workdir/cifar10-{kind}-edm',
       num_data=50000, conditional=cond,
       heldout=0.0,                 # DG holds nothing out (e.g. 0.02 for early stopping)
-      heldout_repeats=1, eval_every=epoch, patience=None,
+      heldout_repeats=1, eval_every=epoch, patience=default.optional(None),
       head=dict(image_size=8, in_channels=512, model_channels=128, out_channels=1,
                 num_res_blocks=2, attention_resolutions=(1,), channel_mult=(1,), num_heads=1,
                 num_head_channels=64, use_scale_shift_norm=True, resblock_updown=True,

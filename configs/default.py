@@ -5,11 +5,14 @@ configs do: ``--config=configs/cifar10.py:isir``, ``configs/cifar10.py:dg,cond``
 ``configs/testbed.py:isir,tiny``. Any field can then be overridden from the command
 line, e.g. ``--config.sampler.num_steps=8``.
 
-``config.sampler`` holds the keyword settings of ``isir_jax.samplers.get_sampler(name)``
-(except ``name`` and DiffRS's ``rej_percentile``, ``warmup_samples`` and ``thresholds``,
-which the driver turns into thresholds); their defaults are the reference
-implementations' (EDM ``generate.py``, DG ``generate.py``, DiffRS ``generate_diffrs.py``,
-the seed's ``isir_code.py``).
+``config.sampler`` holds ``name`` and the keyword settings of
+``isir_jax.samplers.get_sampler(name)``, under the sampler's names; the driver resolves
+DiffRS's thresholds from three of them: ``thresholds`` (here the path of an npz file, in
+the sampler the arrays), else a warm-up of ``warmup_samples`` trajectories whose
+``rej_percentile`` quantile gives them (the sampler's ``rej_percentile`` means the same, with
+its ``warmup_log_ratios``). Their defaults are the reference implementations' (EDM
+``generate.py``, DG ``generate.py``, DiffRS ``generate_diffrs.py``, the seed's
+``isir_code.py``).
 """
 
 import ml_collections
@@ -39,6 +42,13 @@ def parse_arg(arg: str | None, filename: str, flags: tuple[str, ...],
         f'{filename}: bad config argument {arg!r}; expected one method of '
         f'{"|".join(METHODS)} and optional flags {",".join(flags)}')
   return (methods[0] if methods else default_method), set(tokens) - set(methods)
+
+
+def optional(value) -> ml_collections.FieldReference:
+  """A field whose documented values include None: overridable from the command line as a
+  Python literal (``--config.sampler.candidate_chunk=None`` or ``=5``); its consumer checks
+  the type (a typed field would refuse ``None``, a None field any override)."""
+  return ml_collections.FieldReference(value, field_type=object)
 
 
 def sampler_config(method: str) -> ml_collections.ConfigDict:
@@ -89,7 +99,7 @@ def sampler_config(method: str) -> ml_collections.ConfigDict:
     # Proposals per network call, in equal pieces, to bound memory (None: all
     # N + (K-1)(N-1) proposals of a step at once). Memory grows with batch x chunk;
     # 7 divides this default's 21 proposals and the 7 of isir_stochastic.
-    s.candidate_chunk = ml_collections.FieldReference(7, field_type=int)
+    s.candidate_chunk = optional(7)
   if method == 'isir_stochastic':
     # Recommended: stochastic proposals (EDM churn), so i-SIR acts at every step with churn
     # (14 of 18: the first two and last two are outside [S_min, S_max] and run plain, 2 NFE);

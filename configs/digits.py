@@ -19,13 +19,13 @@ import os
 import ml_collections
 
 from configs import default
+from isir_jax import pretrained
 from isir_jax.train import digits_data
 
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      'isir_jax', 'assets', 'digits')
+ASSETS = pretrained.ASSETS
 # digits-skew: a denoiser trained on a class-skewed resampling of the digits (classes 0-4
 # four times as frequent as 5-9) and its discriminator against the real, balanced digits.
-SKEW_ASSETS = os.path.join(ASSETS, 'skew')
+SKEW_ASSETS = pretrained.model_dir('skew')
 
 
 def _encoder(**kw) -> ml_collections.ConfigDict:
@@ -54,7 +54,7 @@ def train_config(models: str) -> ml_collections.ConfigDict:
   t.denoiser = ml_collections.ConfigDict(dict(
       out=os.path.join(models, 'denoiser'),
       conditional=False,           # class-conditional denoiser (label_dim 10)
-      class_weights=None,          # per-class resampling weights (digits-skew), None: as is
+      class_weights=default.optional(None),   # per-class resampling weights (skew), None: as is
       model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,),
       p_mean=-1.2, p_std=1.2, sigma_data=0.5,
       num_steps=4000, batch_size=64, lr=2e-3, warmup_steps=200, ema_decay=0.999,
@@ -87,52 +87,19 @@ def train_config(models: str) -> ml_collections.ConfigDict:
   return t
 
 
-# Knobs chosen on validation seeds by ``python -m benchmarks.quality`` (rule and numbers in
-# benchmarks/results/quality.md; the values are its quality.json "chosen"), per testbed:
-# section of `demo_samplers` -> setting -> value. DiffRS's rej_percentile sets
-# config.demo.rej_percentile, the quantile of the committed thresholds file (rebuild it with
-# --mode=diffrs_thresholds after a change). Until the benchmark has chosen, these are the
-# papers' defaults and the scale 4 found on the testbed.
-TUNED = {
-    'skew': {'dg': {'dg_weight_1st_order': 2.0}, 'diffrs': {'rej_percentile': 0.75},
-             'isir_scaled': {'weight_scale': 4.0}, 'smc': {'group_size': 16}},
-    'natural': {'dg': {'dg_weight_1st_order': 2.0}, 'diffrs': {'rej_percentile': 0.75},
-                'isir_scaled': {'weight_scale': 4.0}, 'smc': {'group_size': 16}},
-}
+# Knobs chosen on validation seeds by ``python -m benchmarks.quality``, per testbed
+# (`isir_jax.pretrained.TUNED`, where the rule and the values are explained).
+TUNED = pretrained.TUNED
 
 
 def demo_samplers(tuned: dict | None = None) -> ml_collections.ConfigDict:
   """``config.demo.samplers``: one section per demo method, passed to ``get_sampler(name)``;
   ``tuned`` (section -> setting -> value, e.g. a testbed's `TUNED`) overrides settings.
 
-  18 Heun steps (35 NFE) as EDM's CIFAR-10 setting. ISIR needs stochastic proposals
-  (churn > 0, DESIGN.md section 3): with a deterministic step all candidates coincide.
+  The settings live in the package (`isir_jax.pretrained.DIGITS_SETTINGS`, what
+  ``pretrained.digits()`` returns), so that they are importable after installation.
   """
-  step = dict(num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0)
-  window = dict(time_min=0.01, time_max=1.0)   # VP times where the discriminator acts
-  churn = dict(S_churn=5.0, S_min=0.01, S_max=50.0, S_noise=1.0)
-  sections = ml_collections.ConfigDict({
-      'edm': dict(name='edm', **step),
-      # EDM-G++ (Kim et al. 2023): w1 = 2 in the Euler part, none in the Heun correction.
-      'dg': dict(name='dg', dg_weight_1st_order=2.0, dg_weight_2nd_order=0.0, **step, **window),
-      # DiffRS (Na et al. 2024): thresholds (config.demo.diffrs_thresholds) from a warm-up.
-      'diffrs': dict(name='diffrs', backsteps=1, max_iter=105,
-                     **step),
-      # i-SIR, N candidates x K iterations per step: 2 (N + (K-1)(N-1)) NFE per step.
-      'isir_stochastic': dict(name='isir', num_candidates=4, num_iterations=2, **step, **churn),
-      # i-SIR with shared-mean (DDPM posterior) proposals: 1 NFE and N + (K-1)(N-1)
-      # discriminator evaluations per step.
-      'isir_ancestral': dict(name='isir', proposal='ancestral', eta=1.0, num_candidates=8,
-                             num_iterations=2, **step),
-      # i-SIR with tempered weights exp(4 d): the digits' discriminators are under-confident
-      # (held-out accuracy 0.6), so the plain weights correct too little (benchmarks/quality).
-      'isir_scaled': dict(name='isir', num_candidates=4, num_iterations=1, weight_scale=4.0,
-                          **step, **churn),
-      # SMC: log-weights d(x', t') - d(x, t) carried across the ancestral steps, resampled
-      # every step within groups of group_size consecutive samples: 1 NFE and one
-      # discriminator evaluation per step (group_size chosen on validation seeds, TUNED).
-      'smc': dict(name='smc', proposal='ancestral', eta=1.0, group_size=16, **step),
-  })
+  sections = ml_collections.ConfigDict(pretrained.DIGITS_SETTINGS)
   for section, settings in (tuned or {}).items():
     sections[section].update(settings)
   return sections

@@ -7,6 +7,8 @@ numpy-only FID math, the converters' readers) import without pulling in JAX.
 import importlib
 
 _LAZY = {
+    'as_denoiser': 'isir_jax.adapters',
+    'as_discriminator': 'isir_jax.adapters',
     'load_denoiser': 'isir_jax.denoiser',
     'load_discriminator': 'isir_jax.discriminator',
 }
@@ -15,6 +17,6 @@ _LAZY = {
 def __getattr__(name):
   if name in _LAZY:
     return getattr(importlib.import_module(_LAZY[name]), name)
-  if name in ('samplers', 'networks', 'fid', 'testbed'):
+  if name in ('adapters', 'fid', 'networks', 'pretrained', 'samplers', 'testbed'):
     return importlib.import_module(f'isir_jax.{name}')
   raise AttributeError(f'module isir_jax has no attribute {name!r}')

@@ -22,14 +22,12 @@ from absl import logging
 import jax
 import ml_collections
 import numpy as np
-import PIL.Image
 
 from isir_jax import io
 from isir_jax import sampling
 from isir_jax.train import digits_data
 from isir_jax.train import feature_net as feature_net_lib
 
-_PNG_SCALE = 4   # nearest-neighbour upscaling of the 8x8 digits in the PNG grids
 _BOOTSTRAP = 1000  # resamples behind the class-frequency error's standard error
 
 
@@ -86,16 +84,10 @@ def class_error(classes: np.ndarray, reference: np.ndarray, seed: int = 0
   return err, float(np.std(boot, ddof=1))
 
 
-def save_grid(path: str, images: np.ndarray, order: np.ndarray | None = None,
-              scale: int = _PNG_SCALE) -> None:
-  """Writes EDM-scale images (in ``order``) as one PNG grid, upscaled ``scale`` times."""
+def save_grid(path: str, images: np.ndarray, order: np.ndarray | None = None) -> None:
+  """Writes EDM-scale images (in ``order``) as one upscaled PNG grid (`io.save_grid`)."""
   images = images if order is None else images[order]
-  grid = io.image_grid(io.to_uint8(images))
-  if grid.shape[-1] == 1:
-    grid = grid[..., 0]
-  img = PIL.Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale),
-                                         PIL.Image.NEAREST)
-  io.atomic_write(path, lambda f: img.save(f, format='PNG'))
+  io.save_grid(path, io.to_uint8(images))
 
 
 def run_method(config: ml_collections.ConfigDict, method: str, models, net, reference,

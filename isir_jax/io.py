@@ -62,6 +62,32 @@ def image_grid(samples: np.ndarray, padding: int = 2) -> np.ndarray:
   return grid
 
 
+# PNG grids show every image at least this many pixels high and wide (nearest-neighbour
+# upscaling by an integer factor: 8x8 digits 4x, CIFAR-10's 32x32 as they are).
+MIN_PNG_SIZE = 32
+
+
+def png_scale(height: int, width: int) -> int:
+  """The integer upscaling of `save_grid` for images of ``height`` x ``width``."""
+  return max(1, MIN_PNG_SIZE // max(1, min(height, width)))
+
+
+def save_grid(path: str, samples: np.ndarray, scale: Optional[int] = None) -> None:
+  """Writes uint8 NHWC images as one PNG grid (`image_grid`), atomically.
+
+  Args:
+    path: the PNG file.
+    samples: uint8 [N, H, W, C] images, C = 1 or 3.
+    scale: nearest-neighbour upscaling of the grid (default: `png_scale`, so that small
+      images stay readable).
+  """
+  scale = scale or png_scale(*samples.shape[1:3])
+  grid = image_grid(samples)
+  grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
+  image = PIL.Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+  atomic_write(path, lambda f: image.save(f, format='PNG'))
+
+
 def shard_path(workdir: str, k: int) -> str:
   """The path of shard ``k``'s npz file."""
   return os.path.join(workdir, f'samples_{k}.npz')
@@ -83,10 +109,7 @@ def write_shard(workdir: str, k: int, samples: np.ndarray,
   if samples.dtype != np.uint8 or samples.ndim != 4:
     raise ValueError(f'shard {k}: samples must be uint8 NHWC, got {samples.dtype} '
                      f'{samples.shape}')
-  grid = image_grid(samples)
-  grid_image = PIL.Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-  atomic_write(os.path.join(workdir, f'samples_{k}.png'),
-               lambda f: grid_image.save(f, format='PNG'))
+  save_grid(os.path.join(workdir, f'samples_{k}.png'), samples)
   arrays = {'samples': samples}
   if labels is not None:
     arrays['label'] = np.asarray(labels, np.int64)

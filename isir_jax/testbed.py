@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from isir_jax import adapters
 
 Array = jax.Array
 
@@ -93,9 +94,8 @@ class MixtureDiscriminator:
                ) -> tuple[Array, Array]:
     """DG term ``-sigma^2 grad_x log_ratio`` and the log ratio."""
     sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (x.shape[0],))
-    log_r, vjp = jax.vjp(lambda y: self.log_ratio(y, sigma, class_labels), x)
-    (grad,) = vjp(jnp.ones_like(log_r))
-    return -(sigma ** 2).reshape((-1,) + (1,) * (x.ndim - 1)) * grad, log_r
+    return adapters.guidance_from_log_ratio(lambda y: self.log_ratio(y, sigma, class_labels),
+                                            x, sigma)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -2,7 +2,9 @@
 
 Samplers depend only on these protocols, so the exact Gaussian-mixture testbed, the
 converted EDM networks and the trained demo models are interchangeable.
-Images are NHWC float32 on the EDM scale (data in [-1, 1]) at every boundary.
+Images are NHWC float32 on the EDM scale (data in [-1, 1]) at every boundary. Plain functions
+become these objects with `isir_jax.as_denoiser` and `isir_jax.as_discriminator`; a sampler
+checks the members it reads when it is built (`isir_jax.samplers.checks`).
 """
 
 from typing import Optional, Protocol

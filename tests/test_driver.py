@@ -242,6 +242,42 @@ def test_every_config_builds_its_sampler(module, arg):
                                             shape=bed.shape, **settings)
 
 
+@pytest.mark.parametrize('config,override,path,value', [
+    ('configs/cifar10.py:isir_stochastic', 'sampler.candidate_chunk=None',
+     'sampler.candidate_chunk', None),
+    ('configs/cifar10.py:isir_stochastic', 'sampler.candidate_chunk=3',
+     'sampler.candidate_chunk', 3),
+    ('configs/cifar10.py:dg', 'train.discriminator.patience=4', 'train.discriminator.patience', 4),
+    ('configs/digits.py', 'train.denoiser.class_weights=None', 'train.denoiser.class_weights',
+     None),
+    ('configs/digits.py:natural', 'train.denoiser.class_weights=(1,2,3,4,5,1,2,3,4,5)',
+     'train.denoiser.class_weights', (1, 2, 3, 4, 5, 1, 2, 3, 4, 5))])
+def test_fields_documented_as_optional_accept_none_on_the_command_line(config, override, path,
+                                                                       value):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  argv = ['main.py', f'--config={os.path.join(ROOT, config)}', f'--config.{override}']
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, flag_values=flag_values, lock_config=True,
+                                  sys_argv=argv)
+  flag_values(argv)
+  got = flag_values.config
+  for name in path.split('.'):
+    got = got[name]
+  assert got == value
+
+
+def test_sample_mode_logs_only_the_project_and_writes_readable_grids(tmp_path):
+  """Orbax's and XLA's INFO lines are left out; the 8x8 digits' PNG grid is upscaled."""
+  result = run_main(tmp_path, '--mode=sample', config='configs/digits.py:edm,tiny')
+  assert result.returncode == 0, result.stderr
+  records = re.findall(r'[IWEF]\d{4} [\d:.]+ +\d+ ([\w.]+):\d+\] (.*)', result.stderr)
+  assert any(text.startswith('shard 0: 4 images') for _, text in records), result.stderr
+  assert {source for source, _ in records} <= {'main.py', 'run_lib.py', 'sampling.py'}, records
+  import PIL.Image  # pylint: disable=g-import-not-at-top
+  assert PIL.Image.open(tmp_path / 'samples_0.png').size == (4 * 22, 4 * 22)
+
+
 def test_bad_config_argument():
   with pytest.raises(ValueError, match=r'configs/cifar10.py: bad config argument .*foo'):
     cifar10_config.get_config('isir,foo')

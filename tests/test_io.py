@@ -41,8 +41,12 @@ def test_write_and_read_shard(tmp_path, channels):
   got, got_labels = io.read_shard(path)
   np.testing.assert_array_equal(got, samples)
   np.testing.assert_array_equal(got_labels, labels)
+  # The grid of 8x8 images, upscaled 4x so that they are readable.
   grid = np.asarray(PIL.Image.open(tmp_path / 'samples_2.png'))
-  assert grid.shape[:2] == (2 * 10 + 2, 2 * 10 + 2)
+  assert io.png_scale(8, 8) == 4 and io.png_scale(32, 32) == 1
+  assert grid.shape[:2] == (4 * (2 * 10 + 2),) * 2
+  np.testing.assert_array_equal(grid[::4, ::4].reshape(22, 22, channels),
+                                io.image_grid(samples))
   # Only the final files remain: no temporaries.
   assert sorted(os.listdir(tmp_path)) == ['samples_2.npz', 'samples_2.png']
   assert io.complete_shards(str(tmp_path)) == [2]

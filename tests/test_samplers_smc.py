@@ -177,7 +177,7 @@ def test_non_finite_log_weights_are_reported_with_their_level():
 def test_settings_are_checked():
   make = functools.partial(samplers.get_sampler('smc'), TB.model_denoiser, TB.discriminator,
                            shape=TB.shape)
-  with pytest.raises(TypeError, match=r"unknown settings \['group'\]; valid: .*group_size"):
+  with pytest.raises(TypeError, match=r"unknown settings \['group'\].*did you mean 'group_size'"):
     make(group=4)
   with pytest.raises(ValueError, match="guidance_weight needs proposal='ancestral'"):
     make(S_churn=40.0, guidance_weight=1.0)

@@ -69,8 +69,9 @@ def main(argv):
              *machine_info())
   models = Models(FLAGS.tiny, FLAGS.seed)
   count = lambda tree: sum(v.size for v in jax.tree_util.tree_leaves(tree)) / 1e6
-  report.add(f'- random weights (re-drawn, DESIGN.md s.7): denoiser {count(models.den_params):.2f}M '
-             f'params, discriminator (classifier + head) {count(models.disc_params):.2f}M')
+  report.add(f'- random weights (re-drawn, docs/design.md "Fixtures and parity"): denoiser '
+             f'{count(models.den_params):.2f}M params, discriminator (classifier + head) '
+             f'{count(models.disc_params):.2f}M')
   with tempfile.TemporaryDirectory() as workdir:
     ref = None
     if FLAGS.reference_checkout:

@@ -41,7 +41,8 @@ def discriminator_arch(tiny: bool) -> dg_convert.Arch:
 
 
 def random_params(abstract: Any, seed: int) -> Any:
-  """Random weights of the given shapes, as in the fixtures (DESIGN.md s.7).
+  """Random weights of the given shapes, as in the fixtures (docs/design.md,
+  "Fixtures and parity").
 
   Default initialisations are nearly trivial (zeroed output layers), so every leaf is
   re-drawn: kernels N(0, 1/fan_in), normalisation scales 1 + 0.1 N(0, 1), other vectors

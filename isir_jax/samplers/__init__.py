@@ -11,8 +11,11 @@
 Every factory has the signature ``factory(denoiser, discriminator=None, *, shape, **settings)``
 and returns the pure ``sample_fn(keys, class_labels=None, latents=None) -> (images, stats)``,
 with one key per sample. Settings: `edm.StepSettings` (num_steps, sigma_min, sigma_max, rho,
-solver, S_churn, S_min, S_max, S_noise, proposal, eta) plus each method's own (see its module).
-Stats hold the per-sample cost counts 'nfe', 'disc_evals', 'disc_grads' (`edm.cost_stats`).
+noise_levels, solver, S_churn, S_min, S_max, S_noise, proposal, eta) plus each method's own
+(see its factory). Stats hold the per-sample cost counts 'nfe', 'disc_evals', 'disc_grads'
+(`edm.cost_stats`). The pure ``*_sample`` functions take the models as arguments; models are
+checked against `isir_jax.types` (plain functions: `isir_jax.as_denoiser`,
+`isir_jax.as_discriminator`), inputs and settings by `checks`.
 """
 
 from typing import Callable
@@ -22,7 +25,8 @@ from isir_jax.samplers.diffrs import (Thresholds, diffrs_sample, diffrs_sampler,
 from isir_jax.samplers.dg import dg_sample, dg_sampler
 from isir_jax.samplers.churn import edm_step
 from isir_jax.samplers.edm import StepSettings, edm_sample, edm_sampler
-from isir_jax.samplers.isir import adaptive_schedule, isir_sample, isir_sampler
+from isir_jax.samplers.isir import (adaptive_schedule, isir_sample, isir_sample_schedule,
+                                    isir_sampler)
 from isir_jax.samplers.smc import smc_sample, smc_sampler
 
 _REGISTRY = {
@@ -36,8 +40,8 @@ _REGISTRY = {
 __all__ = [
     'StepSettings', 'Thresholds', 'adaptive_schedule', 'dg_sample', 'dg_sampler',
     'diffrs_sample', 'diffrs_sampler', 'edm_sample', 'edm_sampler', 'edm_step',
-    'estimate_thresholds', 'get_sampler', 'isir_sample', 'isir_sampler', 'smc_sample',
-    'smc_sampler',
+    'estimate_thresholds', 'get_sampler', 'isir_sample', 'isir_sample_schedule', 'isir_sampler',
+    'smc_sample', 'smc_sampler',
 ]
 
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from isir_jax import vpsde
-from isir_jax.samplers import churn, edm, schedule
+from isir_jax.samplers import checks, churn, edm, schedule
 
 Array = jax.Array
 
@@ -42,11 +42,16 @@ class DGSettings:
 
 
 def _parse(settings: dict) -> tuple[edm.StepSettings, DGSettings]:
-  step, rest = edm.split_settings(settings)
+  step, dg = checks.parse_settings('dg', settings, edm.StepSettings, DGSettings)
   if step.proposal != 'churn':
     raise ValueError(f"dg: guidance acts on EDM's churned step; proposal must be 'churn', got "
                      f'{step.proposal!r}')
-  return step, DGSettings(**rest)
+  return step, dg
+
+
+def _off(weight) -> bool:
+  """Whether a guidance weight is a concrete 0 (a traced weight may act: it is applied)."""
+  return checks.concrete(weight) and weight == 0
 
 
 def windowed_guidance(discriminator, x: Array, sigma: Array, class_labels: Optional[Array],
@@ -76,6 +81,7 @@ def windowed_guidance(discriminator, x: Array, sigma: Array, class_labels: Optio
   return g, log_ratio, inside
 
 
+@checks.sample_function('dg', uses='guidance')
 def dg_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Array] = None,
               latents: Optional[Array] = None, *, shape, **settings) -> tuple[Array, dict]:
   """EDM-G++ sampling with discriminator guidance (and optional boosting).
@@ -100,8 +106,8 @@ def dg_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Array
   batch = keys.shape[0]
   x0 = edm.initial_candidates(keys, jnp.arange(1), t[0], shape, latents)[:, 0]
 
-  def guide(weight: float, i, boost_weight: bool) -> Optional[Callable]:
-    if weight == 0:
+  def guide(weight, i, boost_weight: bool) -> Optional[Callable]:
+    if _off(weight):
       return None
 
     def fn(x, sigma):
@@ -119,7 +125,7 @@ def dg_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Array
     """Guidance calls of a step: the first order's, and the second order's in the Heun stage
     (counted from the window, as the Heun stage's output is only the state)."""
     count = jnp.zeros([], jnp.int32) if ran1 is None else ran1.astype(jnp.int32)
-    if dg.dg_weight_2nd_order != 0 and heun is not None:
+    if not _off(dg.dg_weight_2nd_order) and heun is not None:
       inside = jnp.any(vpsde.in_window(t_next, dg.time_min, dg.time_max))
       count = count + (inside & heun).astype(jnp.int32)
     return count
@@ -149,7 +155,10 @@ def dg_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Array
 
 
 def dg_sampler(denoiser, discriminator=None, *, shape, **settings) -> Callable:
-  """Registry factory: ``dg_sampler(denoiser, discriminator, shape=...)(keys)``."""
-  if discriminator is None:
-    raise ValueError('dg sampler: a discriminator is required (got None)')
+  """DG's factory: ``dg_sampler(denoiser, discriminator, *, shape, **settings)``
+  returns ``sample_fn(keys, class_labels=None, latents=None) -> (images, stats)``.
+
+  Settings: `edm.StepSettings` fields plus dg_weight_1st_order, dg_weight_2nd_order,
+  time_min, time_max, boosting (`dg_sample`). Stats: 'nfe', 'disc_evals' = 0, 'disc_grads'.
+  """
   return edm.make_sampler(dg_sample, _parse, denoiser, discriminator, shape=shape, **settings)

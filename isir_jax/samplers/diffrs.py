@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from isir_jax.samplers import churn, edm, schedule, weights
+from isir_jax.samplers import checks, churn, edm, schedule, weights
 
 Array = jax.Array
 
@@ -72,9 +72,7 @@ def warmup_log_ratios(denoiser, discriminator, keys: Array,
     shape: static image shape.
     **settings: `edm.StepSettings` fields, the same as the DiffRS sampler will use.
   """
-  step, rest = edm.split_settings(settings)
-  if rest:
-    raise TypeError(f'diffrs.warmup_log_ratios: unknown settings {sorted(rest)}')
+  step, = checks.parse_settings('diffrs warm-up', settings, edm.StepSettings)
   t = step.sigmas(denoiser)
   batch = keys.shape[0]
   first = jnp.arange(1)
@@ -114,22 +112,35 @@ def estimate_thresholds(denoiser, discriminator, keys: Array,
 
 @dataclasses.dataclass(frozen=True)
 class DiffRSSettings:
+  """DiffRS settings. The thresholds are given as arrays, or as warm-up log ratios and the
+  quantile to take of them (what `estimate_thresholds` does)."""
   thresholds: Union[Thresholds, tuple, dict, None] = None   # arrays (io.load_thresholds reads files)
+  warmup_log_ratios: Any = None         # [S, n + 1] warm-up log ratios (instead of thresholds)
+  rej_percentile: Optional[float] = None  # their quantile giving the thresholds
   backsteps: int = 1
   min_backsteps: int = 0
   max_backsteps: Optional[int] = None   # default: num_steps
   max_iter: int = 999999
   slots: Optional[int] = None           # lanes; default: the batch size
   max_loops: Optional[int] = None       # safety cap on loop iterations
+  step_stats: bool = False              # also report tests and accepts per level
 
   def load(self, num_steps: int) -> Thresholds:
+    """The thresholds [n + 1] each, from ``thresholds`` or the warm-up log ratios."""
+    if self.warmup_log_ratios is not None or self.rej_percentile is not None:
+      return self._from_warmup(num_steps)
     th = self.thresholds
     if th is None:
       raise ValueError('diffrs: thresholds are required (diffrs.estimate_thresholds, or '
-                       'io.load_thresholds of an npz from io.save_thresholds)')
+                       'io.load_thresholds of an npz from io.save_thresholds), or '
+                       'warmup_log_ratios with rej_percentile')
     if isinstance(th, (str, bytes, os.PathLike)):
       raise TypeError(f'diffrs: thresholds must be arrays (log_ratio, increment), got the path '
                       f'{th!r}; read the file with isir_jax.io.load_thresholds')
+    if isinstance(th, tuple) and len(th) == 2 and isinstance(th[0], Thresholds):
+      raise TypeError('diffrs: thresholds got the pair (thresholds, warm-up log ratios) that '
+                      'estimate_thresholds returns; pass its first element, '
+                      'thresholds=estimate_thresholds(...)[0]')
     th = Thresholds(**th) if isinstance(th, dict) else Thresholds(*th)
     th = Thresholds(*(np.asarray(v, np.float32) for v in th))
     for name, v in zip(Thresholds._fields, th):
@@ -138,13 +149,28 @@ class DiffRSSettings:
                          f'{num_steps + 1} entries, got shape {v.shape}')
     return th
 
+  def _from_warmup(self, num_steps: int) -> Thresholds:
+    if self.thresholds is not None:
+      raise ValueError('diffrs: give thresholds, or warmup_log_ratios with rej_percentile, '
+                       'not both')
+    if self.warmup_log_ratios is None or self.rej_percentile is None:
+      raise ValueError(
+          'diffrs: rej_percentile and warmup_log_ratios go together (the thresholds are the '
+          'rej_percentile quantile of the warm-up log ratios [S, num_steps + 1], '
+          'estimate_thresholds(...)[1]); got '
+          f'{"rej_percentile" if self.warmup_log_ratios is None else "warmup_log_ratios"} alone')
+    log_r = np.asarray(self.warmup_log_ratios)
+    if log_r.ndim != 2 or log_r.shape[1] != num_steps + 1:
+      raise ValueError(f'diffrs: warmup_log_ratios must have shape [S, num_steps + 1 = '
+                       f'{num_steps + 1}], got {log_r.shape}')
+    return thresholds_from_log_ratios(log_r, self.rej_percentile)
+
 
 def _parse(settings: dict) -> tuple[edm.StepSettings, DiffRSSettings, Thresholds]:
-  step, rest = edm.split_settings(settings)
+  step, cfg = checks.parse_settings('diffrs', settings, edm.StepSettings, DiffRSSettings)
   if step.proposal == 'dpmpp_2m_sde':
     raise ValueError("diffrs: proposal='dpmpp_2m_sde' needs the previous step's denoiser "
                      "output, undefined after a back-step; use 'churn' or 'ancestral'")
-  cfg = DiffRSSettings(**rest)
   if cfg.backsteps < 0 or cfg.min_backsteps < 0:
     raise ValueError(f'diffrs: backsteps and min_backsteps must be >= 0, got '
                      f'{cfg.backsteps}, {cfg.min_backsteps}')
@@ -164,6 +190,8 @@ class _Lanes(NamedTuple):
   accepts: Array     # [S] tests accepted
   restarts: Array    # [S] max_iter restarts
   nonfinite: Array   # [S] first level with a non-finite log ratio (weights.NONE: none)
+  level_tests: Array    # [S, n + 1] tests taken at each level
+  level_accepts: Array  # [S, n + 1] tests accepted at each level
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,8 +251,10 @@ def _fresh(run: _Run, sample: Array) -> _Lanes:
   x = edm.initial_candidates(run.keys[s], jnp.arange(1), run.t[0], run.shape,
                              None if run.latents is None else run.latents[s])[:, 0]
   zeros = jnp.zeros_like(sample)
+  levels = jnp.zeros(sample.shape + (run.n + 1,), sample.dtype)
   return _Lanes(sample, x, zeros, run.test_at(zeros, False), jnp.zeros(sample.shape), zeros,
-                zeros, zeros, zeros, zeros, zeros, jnp.full_like(sample, weights.NONE))
+                zeros, zeros, zeros, zeros, zeros, jnp.full_like(sample, weights.NONE), levels,
+                levels)
 
 
 def _test(run: _Run, ln: _Lanes, ekeys: Array, labels: Optional[Array]
@@ -287,7 +317,8 @@ def _emit(out: Array, out_stats: dict, ln: _Lanes, rows: Array, finished: bool
   rate = jnp.where(ln.tests > 0, ln.accepts / jnp.maximum(ln.tests, 1), 1.0)
   new = dict(nfe=ln.nfe, disc_evals=ln.events, disc_grads=jnp.zeros_like(ln.nfe),
              accept_rate=rate, restarts=ln.restarts,
-             finished=jnp.full(rows.shape, finished), **{weights.STAT: ln.nonfinite})
+             finished=jnp.full(rows.shape, finished), level_tests=ln.level_tests,
+             level_accepts=ln.level_accepts, **{weights.STAT: ln.nonfinite})
   out_stats = {k: v.at[rows].set(new[k].astype(v.dtype), mode='drop')
                for k, v in out_stats.items()}
   return out.at[rows].set(ln.x, mode='drop'), out_stats
@@ -328,7 +359,10 @@ def _iteration(run: _Run, state: tuple) -> tuple:
   test = jnp.where(stepping, run.test_at(idx, True),
                    jnp.where(rejected, run.test_at(idx, False), ln.test))
   nfe_add = jnp.where(stepping, run.step_nfe[k], 0)
+  at_level = jax.nn.one_hot(ln.idx, n + 1, dtype=ln.level_tests.dtype)   # tests at level idx
   ln = ln._replace(
+      level_tests=ln.level_tests + at_level * taken[:, None],
+      level_accepts=ln.level_accepts + at_level * (taken & accept)[:, None],
       x=x, idx=idx, test=test, log_r_prev=jnp.where(stepping, d, ln.log_r_prev),
       events=ln.events + active, nfe_run=ln.nfe_run + nfe_add, nfe=ln.nfe + nfe_add,
       tests=ln.tests + taken, accepts=ln.accepts + (taken & accept),
@@ -339,6 +373,7 @@ def _iteration(run: _Run, state: tuple) -> tuple:
   return ln, out, out_stats, next_sample + jnp.sum(done), loop + 1
 
 
+@checks.sample_function('diffrs', uses='log_ratio')
 def diffrs_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Array] = None,
                   latents: Optional[Array] = None, *, shape, **settings) -> tuple[Array, dict]:
   """DiffRS sampling (see the module docstring).
@@ -349,15 +384,18 @@ def diffrs_sample(denoiser, discriminator, keys: Array, class_labels: Optional[A
     class_labels: [B, label_dim] or None.
     latents: optional [B, *shape] first prior draws (later draws come from the keys).
     shape: static image shape.
-    **settings: `edm.StepSettings` fields plus thresholds (required), backsteps (1),
-      min_backsteps (0), max_backsteps (num_steps), max_iter, slots, max_loops.
+    **settings: `edm.StepSettings` fields plus thresholds (required, or
+      warmup_log_ratios [S, n + 1] with rej_percentile, their quantile), backsteps (1),
+      min_backsteps (0), max_backsteps (num_steps), max_iter, slots, max_loops, step_stats.
 
   Returns:
     images [B, *shape] and stats: the counts of `edm.cost_stats` ('nfe', restarts
     included, 'disc_evals', 'disc_grads' = 0; see the module docstring), 'accept_rate'
     (accepted / taken tests; 1 when none), 'restarts', 'finished' (False only if the
     ``max_loops`` cap stopped the loop first; the stats of such a sample are those so far),
-    `weights.STAT` (the first level with a non-finite log ratio, -1 if none).
+    `weights.STAT` (the first level with a non-finite log ratio, -1 if none) and, with
+    ``step_stats``, 'level_tests' and 'level_accepts' [B, num_steps + 1] (tests taken and
+    accepted at each level k; the acceptance rate of level k is their ratio).
   """
   step, cfg, th = _parse(settings)
   run = _Run.create(denoiser, discriminator, keys, class_labels, latents, shape, step, cfg, th)
@@ -373,6 +411,9 @@ def diffrs_sample(denoiser, discriminator, keys: Array, class_labels: Optional[A
   out_stats = dict(edm.cost_stats(batch, 0), accept_rate=jnp.zeros([batch]),
                    restarts=jnp.zeros([batch], jnp.int32), finished=jnp.zeros([batch], bool),
                    **{weights.STAT: weights.initial(batch)})
+  if cfg.step_stats:
+    out_stats.update(level_tests=jnp.zeros([batch, run.n + 1], jnp.int32),
+                     level_accepts=jnp.zeros([batch, run.n + 1], jnp.int32))
   ln, out, out_stats, _, _ = lax.while_loop(
       cond, functools.partial(_iteration, run),
       (_fresh(run, jnp.arange(lanes)), out, out_stats, jnp.asarray(lanes), jnp.asarray(0)))
@@ -381,7 +422,12 @@ def diffrs_sample(denoiser, discriminator, keys: Array, class_labels: Optional[A
 
 
 def diffrs_sampler(denoiser, discriminator=None, *, shape, **settings) -> Callable:
-  """Registry factory: ``diffrs_sampler(denoiser, discriminator, shape=..., thresholds=...)``."""
-  if discriminator is None:
-    raise ValueError('diffrs sampler: a discriminator is required (got None)')
+  """DiffRS's factory: ``diffrs_sampler(denoiser, discriminator, *, shape, **settings)``
+  returns ``sample_fn(keys, class_labels=None, latents=None) -> (images, stats)``.
+
+  Settings: `edm.StepSettings` fields plus thresholds (or warmup_log_ratios with
+  rej_percentile), backsteps, min_backsteps, max_backsteps, max_iter, slots, max_loops,
+  step_stats (`diffrs_sample`). Stats: 'nfe', 'disc_evals', 'disc_grads' = 0, 'accept_rate',
+  'restarts', 'finished' (and 'level_tests', 'level_accepts' with step_stats).
+  """
   return edm.make_sampler(diffrs_sample, _parse, denoiser, discriminator, shape=shape, **settings)

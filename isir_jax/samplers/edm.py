@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from isir_jax.samplers import schedule
+from isir_jax.samplers import checks, schedule
 from isir_jax.samplers.churn import edm_step_scan, per_row
 
 Array = jax.Array
@@ -48,14 +48,36 @@ Array = jax.Array
 Draw = Callable[[Array], Array]
 
 PROPOSALS = ('churn', 'ancestral', 'dpmpp_2m_sde')
+_DEFAULT_STEPS = 18
+
+
+def _levels(noise_levels) -> tuple:
+  """Validated explicit noise levels: floats, strictly decreasing, positive, then one 0."""
+  if not checks.concrete(noise_levels):
+    raise TypeError('samplers: noise_levels must be concrete numbers (the per-step tables are '
+                    'built from them), not traced values')
+  t = np.asarray(noise_levels, np.float64)
+  if t.ndim != 1:
+    raise ValueError(f'samplers: noise_levels must be a 1-D sequence, got shape {t.shape}')
+  if t.size and t[-1] != 0:
+    t = np.append(t, 0.0)
+  if t.size < 3 or not np.all(t[:-1] > 0) or not np.all(np.diff(t) < 0):
+    raise ValueError('samplers: noise_levels must be at least 2 strictly decreasing positive '
+                     f'levels (then 0), got {np.asarray(noise_levels).tolist()}')
+  return tuple(float(v) for v in t)
 
 
 @dataclasses.dataclass(frozen=True)
 class StepSettings:
-  """Static settings of the EDM discretisation and step (names as in EDM's generate.py).
+  """Settings of the EDM discretisation and step (names as in EDM's generate.py).
 
   ``proposal`` picks the kernel (module docstring); ``solver`` and the ``S_*`` churn
-  settings belong to 'churn', ``eta`` to the shared-mean kernels.
+  settings belong to 'churn', ``eta`` to the shared-mean kernels. ``noise_levels`` replaces
+  the Karras schedule (``num_steps``, ``sigma_min``, ``sigma_max``, ``rho``) by explicit
+  decreasing levels ``t_0 > ... > t_{n-1} (> 0)``, used as given (a final 0 is appended if
+  missing). ``S_churn``, ``S_noise`` and ``eta`` may be traced (e.g. ``jax.vmap`` over
+  them): the program's structure then assumes they act (noise is drawn wherever the
+  window ``[S_min, S_max]``, or the step, allows it).
   """
   num_steps: int = 18
   sigma_min: float = 0.002
@@ -68,19 +90,27 @@ class StepSettings:
   S_noise: float = 1.0
   proposal: str = 'churn'
   eta: float = 1.0
+  noise_levels: Optional[tuple] = None
 
   def __post_init__(self):
     if self.solver not in ('heun', 'euler'):
       raise ValueError(f"samplers: solver must be 'heun' or 'euler', got {self.solver!r}")
+    if self.noise_levels is not None:
+      levels = _levels(self.noise_levels)
+      if self.num_steps not in (_DEFAULT_STEPS, len(levels) - 1):
+        raise ValueError(f'samplers: num_steps={self.num_steps} disagrees with the '
+                         f'{len(levels) - 1} steps of noise_levels; leave num_steps out')
+      object.__setattr__(self, 'noise_levels', levels)
+      object.__setattr__(self, 'num_steps', len(levels) - 1)
     if self.num_steps < 2:
       raise ValueError(f'samplers: num_steps must be >= 2, got {self.num_steps}')
-    if self.S_churn < 0:
+    if checks.concrete(self.S_churn) and self.S_churn < 0:
       raise ValueError(f'samplers: S_churn must be >= 0, got {self.S_churn}')
     if self.proposal not in PROPOSALS:
       raise ValueError(f'samplers: proposal must be one of {PROPOSALS}, got {self.proposal!r}')
-    if not 0 <= self.eta <= 1:
+    if checks.concrete(self.eta) and not 0 <= self.eta <= 1:
       raise ValueError(f'samplers: eta must be in [0, 1], got {self.eta}')
-    if self.shared_mean and self.S_churn > 0:
+    if self.shared_mean and not (checks.concrete(self.S_churn) and self.S_churn == 0):
       raise ValueError(
           f'samplers: S_churn={self.S_churn} belongs to proposal=\'churn\'; '
           f'proposal={self.proposal!r} adds its noise after the mean (set by eta), so set '
@@ -98,19 +128,24 @@ class StepSettings:
 
   @property
   def stochastic(self) -> bool:
-    """Whether the step draws noise at some noise level (churn acts, or eta > 0)."""
+    """Whether the step draws noise at some noise level (churn acts, or eta > 0); a traced
+    setting counts as acting."""
+    acts = lambda v: not checks.concrete(v) or v != 0
     if self.shared_mean:
-      return self.eta > 0
-    return self.S_churn > 0 and self.S_noise != 0 and self.S_min <= self.S_max
+      return acts(self.eta)
+    return acts(self.S_churn) and acts(self.S_noise) and self.S_min <= self.S_max
 
   def sigmas(self, denoiser) -> Array:
-    """The [n + 1] noise levels ``t_0 .. t_{n-1}, 0`` for this denoiser.
+    """The [n + 1] noise levels ``t_0 .. t_{n-1}, 0`` for this denoiser (``noise_levels``,
+    or the Karras schedule in the denoiser's range).
 
     Computed eagerly even under ``jit`` (they are constants), so that the static per-step
     tables below can read them.
     """
-    lo, hi = schedule.sigma_range(denoiser, self.sigma_min, self.sigma_max)
     with jax.ensure_compile_time_eval():
+      if self.noise_levels is not None:
+        return jnp.asarray(self.noise_levels, jnp.float32)
+      lo, hi = schedule.sigma_range(denoiser, self.sigma_min, self.sigma_max)
       return schedule.karras_sigmas(self.num_steps, lo, hi, self.rho, denoiser.round_sigma)
 
   def gamma(self, t_cur: Array, S_churn=None) -> Array:
@@ -125,27 +160,34 @@ class StepSettings:
     """
     if not self.stochastic:
       return np.zeros(self.num_steps, bool)
+    t = np.asarray(t, np.float64)
     if self.shared_mean:
+      if not checks.concrete(self.eta):   # s > 0 wherever eta > 0 can make it so
+        return t[1:] > 0
       return self.mean_coefficients(t)[2] > 0
+    if not checks.concrete(self.S_churn):
+      return (t[:-1] >= self.S_min) & (t[:-1] <= self.S_max)
     with jax.ensure_compile_time_eval():
-      return np.asarray(self.gamma(jnp.asarray(t)[:-1])) > 0
+      return np.asarray(self.gamma(jnp.asarray(t[:-1], jnp.float32))) > 0
 
   def mean_coefficients(self, t: Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-step float32 [n] tables ``(c, b, s)`` of the shared-mean kernels (module docstring).
 
     ``b`` is zero for 'ancestral' and at the first and last steps.
     """
+    # float64 numpy for a concrete eta; float32 jnp for a traced one.
+    xp = np if checks.concrete(self.eta) else jnp
     t = np.asarray(t, np.float64)
     t_cur, t_next = t[:-1], t[1:]
     s = self.eta * t_next * np.sqrt(t_cur ** 2 - t_next ** 2) / t_cur
-    c = np.sqrt(np.maximum(t_next ** 2 - s ** 2, 0.0)) / t_cur
-    b = np.zeros_like(c)
+    c = xp.sqrt(xp.maximum(t_next ** 2 - s ** 2, 0.0)) / t_cur
+    b = xp.zeros_like(c)
     if self.proposal == 'dpmpp_2m_sde':
       i = np.arange(1, self.num_steps - 1)   # a previous step, and t' > 0
       h, h_prev = np.log(t_cur[i] / t_next[i]), np.log(t[i - 1] / t_cur[i])
-      a = -np.log(c[i]) / h
-      b[i] = (h - (1 - c[i]) / a) / h_prev
-    return tuple(v.astype(np.float32) for v in (c, b, s))
+      a = -xp.log(c[i]) / h
+      b = xp.concatenate([b[:1], (h - (1 - c[i]) / a) / h_prev, b[-1:]])
+    return tuple(xp.asarray(v, xp.float32) for v in (c, b, s))
 
   def nfe(self, step: int) -> int:
     """Denoiser evaluations of one step: 2 with Heun, 1 for Euler, shared-mean kernels and
@@ -163,7 +205,8 @@ class StepSettings:
 
 
 def split_settings(settings: dict) -> tuple[StepSettings, dict]:
-  """Separates the `StepSettings` fields from a sampler's other settings."""
+  """Separates the `StepSettings` fields from a sampler's other settings (unchecked; a
+  sampler's parser uses `checks.parse_settings`, which names unknown settings)."""
   names = {f.name for f in dataclasses.fields(StepSettings)}
   step = StepSettings(**{k: v for k, v in settings.items() if k in names})
   return step, {k: v for k, v in settings.items() if k not in names}
@@ -288,6 +331,7 @@ def proposals(denoiser, state: tuple, keys: Array, i, t: Array,
   return draw, (None if x0_prev is None else x0)
 
 
+@checks.sample_function('edm', uses=None)
 def edm_sample(denoiser, keys: Array, class_labels: Optional[Array] = None,
                latents: Optional[Array] = None, *, shape, **settings) -> tuple[Array, dict]:
   """EDM sampling with any proposal kernel: by default the Heun/Euler ODE, or stochastic
@@ -322,24 +366,29 @@ def edm_sample(denoiser, keys: Array, class_labels: Optional[Array] = None,
 
 def make_sampler(sample: Callable, parse: Callable[[dict], Any], denoiser, discriminator=None,
                  *, shape, **settings) -> Callable:
-  """Binds a sampler's model(s) and static settings: ``sample_fn(keys, class_labels, latents)``.
+  """Binds a sampler's model(s) and settings: ``sample_fn(keys, class_labels, latents)``.
 
-  ``parse(settings)`` validates the settings now, so mistakes surface at construction.
-  A discriminator is passed on only when given (EDM takes none).
+  Everything that can be checked before sampling is checked now: the models against the
+  protocols (`checks.check_models`, for a ``sample`` marked by `checks.sample_function`) and
+  ``parse(settings)``. A discriminator is passed on only when the sampler uses one.
   """
+  uses = getattr(sample, 'uses', 'log_ratio' if discriminator is not None else None)
+  name = getattr(sample, 'sampler_name', sample.__name__.replace('_sample', ''))
+  checks.check_models(name, denoiser, discriminator, uses)
   parse(settings)
-  args = (denoiser,) if discriminator is None else (denoiser, discriminator)
+  args = (denoiser,) if uses is None else (denoiser, discriminator)
   return functools.partial(sample, *args, shape=tuple(shape), **settings)
 
 
 def _parse(settings: dict) -> StepSettings:
-  step, rest = split_settings(settings)
-  if rest:
-    raise TypeError(f'edm sampler: unknown settings {sorted(rest)}')
-  return step
+  return checks.parse_settings('edm', settings, StepSettings)[0]
 
 
 def edm_sampler(denoiser, discriminator=None, *, shape, **settings) -> Callable:
-  """Registry factory: ``edm_sampler(denoiser, shape=...)(keys) -> (images, stats)``."""
+  """EDM's factory: ``edm_sampler(denoiser, *, shape, **settings)``
+  returns ``sample_fn(keys, class_labels=None, latents=None) -> (images, stats)``.
+
+  Settings: the `StepSettings` fields. Stats: 'nfe', 'disc_evals' = 'disc_grads' = 0.
+  """
   del discriminator  # EDM does not use one.
   return make_sampler(edm_sample, _parse, denoiser, shape=shape, **settings)

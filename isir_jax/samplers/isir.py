@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from isir_jax.samplers import edm, schedule, weights
+from isir_jax.samplers import checks, edm, schedule, weights
 
 Array = jax.Array
 IntOrSteps = Union[int, Sequence[int]]
@@ -99,6 +99,7 @@ class ISIRSettings:
   candidate_chunk: Optional[int] = None      # candidates per call (None: all at once)
   initial_only: bool = False                 # i-SIR on the initial latent only
   weight_scale: float = 1.0                  # weights exp(scale * d): > 1 sharpens a weak d
+  step_stats: bool = False                   # also report the ESS of every step ('ess_steps')
 
   def per_step(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-step (N_i, K_i) int arrays [num_steps]; (1, 1) everywhere if `initial_only`."""
@@ -118,8 +119,7 @@ class ISIRSettings:
 
 
 def _parse(settings: dict) -> tuple[edm.StepSettings, ISIRSettings]:
-  step, rest = edm.split_settings(settings)
-  cfg = ISIRSettings(**rest)
+  step, cfg = checks.parse_settings('isir', settings, edm.StepSettings, ISIRSettings)
   n, _ = cfg.per_step(step.num_steps)
   if n.max() > 1 and not step.stochastic:
     if step.shared_mean:
@@ -133,10 +133,11 @@ def _parse(settings: dict) -> tuple[edm.StepSettings, ISIRSettings]:
         f'{cfg.num_candidates} candidates of a reverse step would all be the same point and '
         'only the initial-latent stage would act. Use a stochastic proposal, or '
         'initial_only=True to run the initial-latent selection alone.')
-  if cfg.weight_scale <= 0:
+  if checks.concrete(cfg.weight_scale) and cfg.weight_scale <= 0:
     raise ValueError(f'isir: weight_scale must be > 0, got {cfg.weight_scale}')
-  if cfg.candidate_chunk is not None and cfg.candidate_chunk < 1:
-    raise ValueError(f'isir: candidate_chunk must be >= 1 or None, got {cfg.candidate_chunk}')
+  chunk = cfg.candidate_chunk
+  if chunk is not None and (not isinstance(chunk, (int, np.integer)) or chunk < 1):
+    raise ValueError(f'isir: candidate_chunk must be an int >= 1 or None, got {chunk!r}')
   return step, cfg
 
 
@@ -241,6 +242,7 @@ def isir_chain(propose: Callable, choice_keys: Array, n_active, n_max: int, iter
   return pick, pick_lw, ess / iterations
 
 
+@checks.sample_function('isir', uses='log_ratio')
 def isir_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Array] = None,
                 latents: Optional[Array] = None, *, shape, **settings) -> tuple[Array, dict]:
   """Diffusion ISIR sampling (see the module docstring for the method).
@@ -257,7 +259,7 @@ def isir_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Arr
       for 'churn', eta > 0 for the shared-mean kernels) plus num_candidates (N, int or per
       step), num_iterations (K, int or per step), candidate_chunk, initial_only,
       weight_scale (weights ``exp(weight_scale * d)``; 1 is the i-SIR target, > 1 sharpens
-      an under-confident discriminator's correction).
+      an under-confident discriminator's correction; may be traced), step_stats.
 
   Returns:
     images [B, *shape] and stats: the counts of `edm.cost_stats` ('nfe', 'disc_evals',
@@ -265,14 +267,15 @@ def isir_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Arr
     (mean over the corrected steps of the normalised ESS of the i-SIR weights, averaged over
     iterations; 1 when no step is corrected), 'ess_initial' [B] (the same for the initial
     stage), `weights.STAT` [B] (the first level k whose log weights, evaluated at t_k, were not
-    finite; 0 is the initial stage, -1 if none).
+    finite; 0 is the initial stage, -1 if none) and, with ``step_stats``, 'ess_steps'
+    [B, num_steps] (each step's; NaN where the step is not corrected).
   """
   step, cfg = _parse(settings)
   n_steps, k_steps = cfg.per_step(step.num_steps)
   n0, k0 = cfg.initial()
   return _isir(denoiser, discriminator, keys, class_labels, latents, shape, step,
                cfg.candidate_chunk, n_steps, k_steps, n0, k0, int(n_steps.max()), n0,
-               cfg.weight_scale)
+               cfg.weight_scale, cfg.step_stats)
 
 
 def isir_sample_schedule(denoiser, discriminator, keys: Array, num_candidates: Array,
@@ -300,11 +303,11 @@ def isir_sample_schedule(denoiser, discriminator, keys: Array, num_candidates: A
   k_steps = jnp.broadcast_to(jnp.asarray(num_iterations, jnp.int32), (step.num_steps,))
   return _isir(denoiser, discriminator, keys, class_labels, latents, shape, step,
                cfg.candidate_chunk, n_steps, k_steps, jnp.max(n_steps), jnp.max(k_steps),
-               max_candidates, max_candidates, cfg.weight_scale)
+               max_candidates, max_candidates, cfg.weight_scale, cfg.step_stats)
 
 
 def _isir(denoiser, discriminator, keys, class_labels, latents, shape, step, chunk, n_steps,
-          k_steps, n0, k0, n_max: int, n0_max: int, weight_scale: float):
+          k_steps, n0, k0, n_max: int, n0_max: int, weight_scale, step_stats: bool):
   """The sampler with per-step N, K [n] and initial n0, k0 (static or traced) and static
   candidate batch sizes ``n_max`` (steps) and ``n0_max`` (initial stage)."""
   t = step.sigmas(denoiser)
@@ -338,7 +341,7 @@ def _isir(denoiser, discriminator, keys, class_labels, latents, shape, step, chu
   first_bad = weights.record_first(weights.initial(batch), 0, jnp.isnan(ess0))
 
   def body(carry, i, heun):
-    state, ess_sum, first_bad = carry
+    state, ess_sum, first_bad, ess_steps = carry
     draw, x0_prev = edm.proposals(denoiser, state, keys, i, t, class_labels, step, heun)
 
     def corrected(_):
@@ -358,10 +361,14 @@ def _isir(denoiser, discriminator, keys, class_labels, latents, shape, step, chu
       x, ess = (corrected if noisy.all() else plain)(None)
     else:
       x, ess = lax.cond(jnp.asarray(noisy)[i], corrected, plain, None)
-    return (x, x0_prev), ess_sum + ess, weights.record_first(first_bad, i + 1, jnp.isnan(ess))
+    if ess_steps is not None:
+      ess_steps = ess_steps.at[:, i].set(ess)
+    return ((x, x0_prev), ess_sum + ess, weights.record_first(first_bad, i + 1, jnp.isnan(ess)),
+            ess_steps)
 
-  (x, _), ess_sum, first_bad = edm.run_steps(
-      body, (edm.initial_state(x0, step), jnp.zeros([batch]), first_bad), step)
+  (x, _), ess_sum, first_bad, ess_steps = edm.run_steps(
+      body, (edm.initial_state(x0, step), jnp.zeros([batch]), first_bad,
+             jnp.zeros([batch, step.num_steps]) if step_stats else None), step)
   # The method's counts: P_i = N_i + (K_i-1)(N_i-1) proposals where the step is corrected,
   # 1 elsewhere; each proposal is one discriminator evaluation and (churn) `step.nfe(i)`
   # denoiser evaluations; a shared-mean step is one denoiser evaluation.
@@ -379,11 +386,17 @@ def _isir(denoiser, discriminator, keys, class_labels, latents, shape, step, chu
                            1.0)
   stats['ess_initial'] = ess0
   stats[weights.STAT] = first_bad
+  if step_stats:
+    stats['ess_steps'] = jnp.where(corrected_steps, ess_steps, jnp.nan)
   return x, stats
 
 
 def isir_sampler(denoiser, discriminator=None, *, shape, **settings) -> Callable:
-  """Registry factory: ``isir_sampler(denoiser, discriminator, shape=..., S_churn=..., ...)``."""
-  if discriminator is None:
-    raise ValueError('isir sampler: a discriminator is required (got None)')
+  """ISIR's factory: ``isir_sampler(denoiser, discriminator, *, shape, **settings)``
+  returns ``sample_fn(keys, class_labels=None, latents=None) -> (images, stats)``.
+
+  Settings: `edm.StepSettings` fields plus num_candidates, num_iterations, candidate_chunk,
+  initial_only, weight_scale, step_stats (`isir_sample`). Stats: 'nfe', 'disc_evals',
+  'disc_grads' = 0, 'ess', 'ess_initial' (and 'ess_steps' with step_stats).
+  """
   return edm.make_sampler(isir_sample, _parse, denoiser, discriminator, shape=shape, **settings)

@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from isir_jax.samplers import dg, edm, isir, schedule, weights
+from isir_jax.samplers import checks, dg, edm, isir, schedule, weights
 
 Array = jax.Array
 
@@ -94,14 +94,8 @@ class SMCSettings:
 
 
 def _parse(settings: dict) -> tuple[edm.StepSettings, SMCSettings]:
-  step, rest = edm.split_settings(settings)
-  names = {f.name for f in dataclasses.fields(SMCSettings)}
-  unknown = sorted(set(rest) - names)
-  if unknown:
-    raise TypeError(f'smc sampler: unknown settings {unknown}; valid: '
-                    f'{sorted(names | {f.name for f in dataclasses.fields(edm.StepSettings)})}')
-  cfg = SMCSettings(**dict(rest, resample_window=tuple(rest.get('resample_window',
-                                                                (0.0, math.inf)))))
+  step, cfg = checks.parse_settings('smc', settings, edm.StepSettings, SMCSettings)
+  cfg = dataclasses.replace(cfg, resample_window=tuple(cfg.resample_window))
   if cfg.group_size < 1:
     raise ValueError(f'smc: group_size must be >= 1, got {cfg.group_size}')
   if cfg.resample not in RESAMPLERS:
@@ -207,6 +201,7 @@ def _twisted(discriminator, x: Array, m: Array, c, s, keys: Array, i, t: Array,
   return draw, correction, jnp.any(inside)
 
 
+@checks.sample_function('smc', uses='log_ratio')
 def smc_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Array] = None,
                latents: Optional[Array] = None, *, shape, **settings) -> tuple[Array, dict]:
   """SMC sampling with the discriminator's density ratio (module docstring).
@@ -233,11 +228,13 @@ def smc_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Arra
     -1 if none; such particles are never drawn, and the driver refuses the group's samples).
   """
   step, cfg = _parse(settings)
+  if cfg.guidance_weight:
+    checks.check_models('smc', denoiser, discriminator, 'guidance')
   size, n = cfg.group_size, cfg.num_candidates
   batch = keys.shape[0]
-  if keys.ndim != 1 or batch % size:
-    raise ValueError(f'smc: keys must be [B] with B a multiple of group_size={size} (groups '
-                     f'of consecutive samples), got shape {tuple(keys.shape)}')
+  if batch % size:
+    raise ValueError(f'smc: the batch of {batch} keys is not a multiple of group_size={size} '
+                     '(groups of consecutive samples must be whole)')
   t = step.sigmas(denoiser)
   # G = 1 with N = 1 never uses its weights: no discriminator forward at all, and without
   # guidance every step is the plain one.
@@ -356,7 +353,14 @@ def smc_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Arra
 
 
 def smc_sampler(denoiser, discriminator=None, *, shape, **settings) -> Callable:
-  """Registry factory: ``smc_sampler(denoiser, discriminator, shape=..., group_size=...)``."""
-  if discriminator is None:
-    raise ValueError('smc sampler: a discriminator is required (got None)')
+  """SMC's factory: ``smc_sampler(denoiser, discriminator, *, shape, **settings)`` returns
+  ``sample_fn(keys, class_labels=None, latents=None) -> (images, stats)``, keys [B] with B a
+  multiple of group_size.
+
+  Settings: `edm.StepSettings` fields (a stochastic proposal) plus group_size, weight_scale,
+  resample, ess_threshold, resample_window, final_resample, num_candidates, candidate_chunk,
+  guidance_weight, twist_correction, time_min, time_max (`smc_sample`). Stats: 'nfe',
+  'disc_evals', 'disc_grads', 'ess', 'ess_min', 'resamples', 'ancestors', 'lineages',
+  'group_nn_dist', 'nonfinite_level'.
+  """
   return edm.make_sampler(smc_sample, _parse, denoiser, discriminator, shape=shape, **settings)
