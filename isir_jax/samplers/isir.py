@@ -147,7 +147,7 @@ def normalised_ess(log_w: Array, active) -> Array:
   return jnp.sum(w, 1) ** 2 / jnp.sum(w ** 2, 1) / active
 
 
-def _chunked(evaluate: Callable, ids: Array, chunk: Optional[int]):
+def chunked(evaluate: Callable, ids: Array, chunk: Optional[int]):
   """``evaluate(ids [c]) -> (x [B, c, ...], log_w [B, c])`` over contiguous ``ids``, at most
   ``chunk`` ids per call, in equal pieces (``lax.map``)."""
   count = ids.shape[0]
@@ -169,7 +169,7 @@ def num_proposals(n, k):
   return n + (k - 1) * (n - 1)
 
 
-def _choose(choice_keys: Array, k, lw: Array, n_active) -> tuple[Array, Array]:
+def choose(choice_keys: Array, k, lw: Array, n_active) -> tuple[Array, Array]:
   """Choice k of a chain among candidates with log weights lw [B, N] (slot 0 is the kept pick
   for k > 0; slots beyond ``n_active`` get zero weight): the chosen slots [B] and the
   normalised ESS [B], NaN where an active log weight is not finite (never chosen)."""
@@ -181,7 +181,7 @@ def _choose(choice_keys: Array, k, lw: Array, n_active) -> tuple[Array, Array]:
   return idx, jnp.where(bad, jnp.nan, normalised_ess(lw, n_active))
 
 
-def _take(v: Array, idx: Array) -> Array:
+def take(v: Array, idx: Array) -> Array:
   """Row b of the result is ``v[b, idx[b]]``."""
   return jnp.take_along_axis(v, idx.reshape((-1, 1) + (1,) * (v.ndim - 2)), axis=1)[:, 0]
 
@@ -213,31 +213,31 @@ def isir_chain(propose: Callable, choice_keys: Array, n_active, n_max: int, iter
     xs, lw = propose(jnp.arange(1))
     return xs[:, 0], lw[:, 0], jnp.ones(lw.shape[:1])
   if isinstance(iterations, (int, np.integer)):
-    xs, lw = _chunked(propose, jnp.arange(num_proposals(n_max, int(iterations))), chunk)
+    xs, lw = chunked(propose, jnp.arange(num_proposals(n_max, int(iterations))), chunk)
     # Choices on the log weights alone; `pick` indexes the proposals.
-    pick, ess = _choose(choice_keys, 0, lw[:, :n_max], n_active)
+    pick, ess = choose(choice_keys, 0, lw[:, :n_max], n_active)
     for k in range(1, int(iterations)):
       fresh = num_proposals(n_max, k) + jnp.arange(n_max - 1)
       slots = jnp.concatenate([pick[:, None], jnp.broadcast_to(fresh, (len(pick), n_max - 1))],
                               axis=1)
-      idx, e = _choose(choice_keys, k, jnp.take_along_axis(lw, slots, axis=1), n_active)
-      pick, ess = _take(slots, idx), ess + e
-    return _take(xs, pick), _take(lw, pick), ess / iterations
+      idx, e = choose(choice_keys, k, jnp.take_along_axis(lw, slots, axis=1), n_active)
+      pick, ess = take(slots, idx), ess + e
+    return take(xs, pick), take(lw, pick), ess / iterations
 
   slots = jnp.arange(n_max)
-  xs, lw = _chunked(propose, slots, chunk)
-  idx, ess = _choose(choice_keys, 0, lw, n_active)
+  xs, lw = chunked(propose, slots, chunk)
+  idx, ess = choose(choice_keys, 0, lw, n_active)
 
   def iteration(k, carry):
     # Iteration k > 1: the current pick is candidate 1, with its weight; N-1 fresh proposals.
     pick, pick_lw, ess = carry
-    fresh, fresh_lw = _chunked(propose, num_proposals(n_max, k) + slots[:-1], chunk)
+    fresh, fresh_lw = chunked(propose, num_proposals(n_max, k) + slots[:-1], chunk)
     xs = jnp.concatenate([pick[:, None], fresh], axis=1)
     lw = jnp.concatenate([pick_lw[:, None], fresh_lw], axis=1)
-    idx, e = _choose(choice_keys, k, lw, n_active)
-    return _take(xs, idx), _take(lw, idx), ess + e
+    idx, e = choose(choice_keys, k, lw, n_active)
+    return take(xs, idx), take(lw, idx), ess + e
 
-  pick, pick_lw, ess = lax.fori_loop(1, iterations, iteration, (_take(xs, idx), _take(lw, idx),
+  pick, pick_lw, ess = lax.fori_loop(1, iterations, iteration, (take(xs, idx), take(lw, idx),
                                                                  ess))
   return pick, pick_lw, ess / iterations
 

@@ -260,12 +260,12 @@ def smc_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Arra
     def propose(ids):
       x = draw(ids)
       return x, log_r(x, sigma)
-    xs, lw = isir._chunked(propose, jnp.arange(n), cfg.candidate_chunk)
+    xs, lw = isir.chunked(propose, jnp.arange(n), cfg.candidate_chunk)
     total = lw if correction is None else lw + correction(xs)
     if n == 1:
       return xs[:, 0], lw[:, 0], total[:, 0]
-    pick, _ = isir._choose(choice_keys, 0, total, n)
-    return isir._take(xs, pick), isir._take(lw, pick), _log_mean_exp(total)
+    pick, _ = isir.choose(choice_keys, 0, total, n)
+    return isir.take(xs, pick), isir.take(lw, pick), _log_mean_exp(total)
 
   # Initial latents: an SIR move among N candidates weighted by r(x, t_0) (N > 1), else
   # the plain latent with potential 1 (no call).
