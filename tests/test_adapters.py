@@ -38,10 +38,10 @@ def test_readme_snippet_runs_every_sampler_on_plain_functions():
   with contextlib.redirect_stdout(out):
     exec(compile(code, 'README.md', 'exec'), {})
   shares = {name: float(v) for name, v in re.findall(r'^(\w+) ([\d.]+)$', out.getvalue(), re.M)}
-  assert set(shares) == {'edm', 'dg', 'diffrs', 'isir'}
+  assert set(shares) == {'edm', 'dg', 'diffrs', 'isir', 'smc'}
   # 512 samples: the model's weight 0.5 (edm), corrected towards the true 0.8.
   assert abs(shares['edm'] - 0.5) < 0.1, shares
-  for name in ('dg', 'diffrs', 'isir'):
+  for name in ('dg', 'diffrs', 'isir', 'smc'):
     assert shares[name] > 0.62, shares
 
 
