@@ -177,6 +177,9 @@ SWEEPS = {
 TINY_SWEEP = ('edm', CONTROL, 'isir churn N=4 K=1', 'dg w1')
 TINY_CANDIDATES = 2   # the first candidates of a tuned knob under --tiny
 PRIMARY = {'skew': 'class_error', 'natural': 'fd'}
+# Per-sample statistics shown in the tables' extra column (means over samples and seeds).
+EXTRA_STATS = ('ess', 'accept_rate', 'ancestors', 'lineages', 'near_duplicates')
+DUPLICATE_FRACTION = 0.1   # near-duplicate: closer than this x the real digits' NN distance
 _PLACES = {'class_error': 3, 'fd': 2, 'fd_all': 2, 'precision': 3, 'recall': 3}
 
 
@@ -384,7 +387,7 @@ def summarise(results: dict, rows: list[Row], seeds, primary: str, costs: cost.N
     row['gflop_cifar10'] = cost.gflop_per_sample(row, cifar10)
     row['seconds'] = float(np.mean([x['seconds'] for x in rs.values()]))
     row['extra'] = ', '.join(f'{k} {np.mean([x["stats"][k] for x in rs.values()]):.2f}'
-                             for k in ('ess', 'accept_rate') if k in first['stats'])
+                             for k in EXTRA_STATS if k in first['stats'])
     for name, base_label in (('vs_edm', BASELINE), ('vs_kernel', KERNEL_BASELINES[r.kernel])):
       if r.label == base_label:
         row[name] = None
@@ -438,7 +441,11 @@ def testbed_markdown(testbed: str, rows: list[dict], selections: list[Selection]
                  'FD-digits, precision and recall is its held-out split (digits 1500-1796, '
                  f'297; classifier accuracy there {ref.heldout_accuracy:.3f}). "FD (all '
                  'digits)" uses the statistics of all 1,797 digits, which the feature net '
-                 'partly trained on.'), '']
+                 'partly trained on. Notes: mean ESS (ISIR, SMC), acceptance (DiffRS); for SMC '
+                 'the distinct ancestors left per group, their effective number (lineages) and '
+                 'near_duplicates, the share of outputs closer to another sample of their group '
+                 f'than {DUPLICATE_FRACTION:g} x the median pixel distance from a real training '
+                 'digit to its nearest other one.'), '']
   metric_head = 'class-freq error | FD-digits | precision | recall'
   for name, title in (('vs_edm', 'EDM (Heun, 18 steps)'), ('vs_kernel', 'EDM on the same kernel')):
     shown = [r for r in rows if r[name] is not None and
@@ -513,6 +520,17 @@ def discriminator_note(config: ml_collections.ConfigDict) -> str:
 # ----------------------------------------------------------------------------- main
 
 
+def duplicate_distance(images: np.ndarray, fraction: float = DUPLICATE_FRACTION) -> float:
+  """``fraction`` of the median pixel-space distance from a real digit to its nearest other
+  real digit: a generated digit closer than this to another of its SMC group is a
+  near-duplicate."""
+  x = np.asarray(images, np.float64).reshape(len(images), -1)
+  sq = (x ** 2).sum(1)
+  d2 = sq[:, None] + sq[None] - 2 * x @ x.T
+  np.fill_diagonal(d2, np.inf)
+  return fraction * float(np.median(np.sqrt(np.maximum(d2.min(1), 0.0))))
+
+
 class Runner:
   """Draws and scores the jobs of one testbed, resuming from ``runs`` by content."""
 
@@ -523,6 +541,7 @@ class Runner:
     self.ref = digit_scores.reference(self.config)
     self.code = code_digest()
     self.workdir = tempfile.TemporaryDirectory(prefix='quality-')   # DiffRS thresholds
+    self.duplicate_distance = duplicate_distance(self.ref.train_images)
 
   def jobs(self, rows: list[Row], seeds, num: int, batch: int) -> list[Job]:
     """Seed-major, so that an interrupted run has every row at the first seeds."""
@@ -537,6 +556,9 @@ class Runner:
       run = dict(seconds=seconds, settings=job.row.settings, section=job.row.section,
                  stats={k: float(np.mean(v)) for k, v in stats.items()},
                  **digit_scores.score(images, self.ref))
+      if 'group_nn_dist' in stats:   # SMC: outputs that are near-copies within their group
+        run['stats']['near_duplicates'] = float(np.mean(
+            np.asarray(stats['group_nn_dist']) < self.duplicate_distance))
       print(f'{self.testbed} {job.row.label} seed {job.seed}: class error '
             f'{run["class_error"]:.3f}, FD {run["fd"]:.2f}, precision {run["precision"]:.3f}, '
             f'recall {run["recall"]:.3f}, {sampling.format_stats(stats)}, {seconds:.1f} s',

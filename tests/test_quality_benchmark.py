@@ -136,3 +136,9 @@ def test_committed_diffrs_thresholds_match_the_configured_percentile(arg):
                                            config.demo.rej_percentile)
   for got, expected in zip(io.load_thresholds(path), want):
     np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_duplicate_distance_is_a_fraction_of_the_median_nearest_neighbour_distance():
+  # Points 0, 1 and 3 on a line: nearest-neighbour distances 1, 1, 2 (median 1).
+  images = np.array([0.0, 1.0, 3.0]).reshape(3, 1, 1, 1)
+  assert quality.duplicate_distance(images, fraction=0.1) == pytest.approx(0.1)
