@@ -164,6 +164,16 @@ def chunked(evaluate: Callable, ids: Array, chunk: Optional[int]):
   return xs[:, :count], lw[:, :count]
 
 
+def candidate_log_ratios(discriminator, x: Array, sigma, class_labels: Optional[Array]) -> Array:
+  """The discriminator's log ratio [B, c] of candidates x [B, c, ...] at noise ``sigma``, in
+  one call on the B c rows (sample b's labels repeated for its candidates)."""
+  batch, count = x.shape[:2]
+  labels = None if class_labels is None else jnp.repeat(class_labels, count, axis=0)
+  lw = discriminator.log_ratio(x.reshape((batch * count,) + x.shape[2:]),
+                               edm.full_rows(sigma, batch * count), labels)
+  return lw.reshape(batch, count)
+
+
 def num_proposals(n, k):
   """Proposals of an i-SIR chain with N candidates and K iterations: ``N + (K-1)(N-1)``."""
   return n + (k - 1) * (n - 1)
@@ -322,13 +332,9 @@ def _isir(denoiser, discriminator, keys, class_labels, latents, shape, step, chu
 
   def log_weights(x, sigma, needed: bool):
     """log r(x) [B, c] of candidates x [B, c, ...] (zeros where there is nothing to choose)."""
-    count = x.shape[1]
     if not needed:
-      return jnp.zeros([batch, count])
-    labels = None if class_labels is None else jnp.repeat(class_labels, count, axis=0)
-    lw = discriminator.log_ratio(x.reshape((batch * count,) + x.shape[2:]),
-                                 edm.full_rows(sigma, batch * count), labels)
-    return weight_scale * lw.reshape(batch, count)
+      return jnp.zeros(x.shape[:2])
+    return weight_scale * candidate_log_ratios(discriminator, x, sigma, class_labels)
 
   # Initial stage: i-SIR among sigma_max * eps weighted by exp(d(x, t_0)).
   def propose_latent(ids):

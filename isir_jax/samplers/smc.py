@@ -246,13 +246,9 @@ def smc_sample(denoiser, discriminator, keys: Array, class_labels: Optional[Arra
 
   def log_r(x, sigma):
     """``lambda d(x, sigma)`` [B, c] of candidates x [B, c, ...]."""
-    count = x.shape[1]
     if not evaluate:
-      return jnp.zeros([batch, count])
-    labels = None if class_labels is None else jnp.repeat(class_labels, count, axis=0)
-    lw = discriminator.log_ratio(x.reshape((batch * count,) + x.shape[2:]),
-                                 edm.full_rows(sigma, batch * count), labels)
-    return cfg.weight_scale * lw.reshape(batch, count)
+      return jnp.zeros(x.shape[:2])
+    return cfg.weight_scale * isir.candidate_log_ratios(discriminator, x, sigma, class_labels)
 
   def sir(draw, sigma, choice_keys, correction=None):
     """A properly weighted SIR move among ``n`` candidates of ``draw``: the pick, its
