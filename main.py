@@ -48,9 +48,10 @@ _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Run directory for samples and scores [default: workdir/<config.name>].')
 _MODE = flags.DEFINE_enum('mode', None, list(MODES), 'What to run [default: config.mode].')
 
-# Where the project's own log lines come from (the package may be installed elsewhere).
-_PROJECT_DIRS = tuple(os.path.dirname(os.path.abspath(path)) + os.sep
-                      for path in (__file__, run_lib.__file__))
+# Where the project's own log lines come from: this file and the package (which may be
+# installed elsewhere). Not the checkout's root, which may hold the virtual environment.
+_PROJECT_FILE = os.path.abspath(__file__)
+_PROJECT_DIR = os.path.dirname(os.path.abspath(run_lib.__file__)) + os.sep
 
 
 class _ProjectInfo(py_logging.Filter):
@@ -58,7 +59,8 @@ class _ProjectInfo(py_logging.Filter):
   probing log at INFO what a user of the driver need not read (``--verbosity=0`` shows all)."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
-    return record.levelno >= py_logging.WARNING or record.pathname.startswith(_PROJECT_DIRS)
+    return (record.levelno >= py_logging.WARNING or record.pathname == _PROJECT_FILE or
+            record.pathname.startswith(_PROJECT_DIR))
 
 
 def main(argv):
