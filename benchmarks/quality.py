@@ -44,6 +44,7 @@ import functools
 import glob
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -160,6 +161,10 @@ ENTRIES = (
     # SMC over groups of G consecutive samples (ancestral kernel, resampling every step).
     Tuned('smc ancestral G', 'smc', {}, 'group_size', (8, 16, 64), 16, 'ancestral',
           config_section='smc'),
+    # Resampling only while t' >= 0.5, so that the last steps separate the copies (the
+    # window was picked on validation seeds 100-102 among t' >= 0.5 / >= 2 and G = 8 / 16).
+    Row('smc ancestral G=16 window t>=0.5', 'smc',
+        dict(group_size=16, resample_window=(0.5, math.inf)), 'ancestral'),
     # The guided ancestral kernel alone (DG's term in the mean, G = 1: no weights).
     Row('guided ancestral w=2 (smc G=1)', 'smc', dict(group_size=1, guidance_weight=2.0),
         'ancestral'),
