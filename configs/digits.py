@@ -92,17 +92,15 @@ def train_config(models: str) -> ml_collections.ConfigDict:
 TUNED = pretrained.TUNED
 
 
-def demo_samplers(tuned: dict | None = None) -> ml_collections.ConfigDict:
-  """``config.demo.samplers``: one section per demo method, passed to ``get_sampler(name)``;
-  ``tuned`` (section -> setting -> value, e.g. a testbed's `TUNED`) overrides settings.
+def demo_samplers(testbed: str | None = None) -> ml_collections.ConfigDict:
+  """``config.demo.samplers``: one section per demo method, passed to ``get_sampler(name)``,
+  with the ``testbed``'s tuned values (`TUNED`), or as the papers set them (None).
 
-  The settings live in the package (`isir_jax.pretrained.DIGITS_SETTINGS`, what
+  The settings live in the package (`isir_jax.pretrained.method_settings`, what
   ``pretrained.digits()`` returns), so that they are importable after installation.
   """
-  sections = ml_collections.ConfigDict(pretrained.DIGITS_SETTINGS)
-  for section, settings in (tuned or {}).items():
-    sections[section].update(settings)
-  return sections
+  return ml_collections.ConfigDict(pretrained.DIGITS_SETTINGS if testbed is None
+                                   else pretrained.method_settings(testbed))
 
 
 def get_config(arg: str | None = None):
@@ -135,11 +133,10 @@ def get_config(arg: str | None = None):
   config.demo.feature_net = os.path.join(ASSETS, 'feature_net')
   config.demo.ref_stats = os.path.join(ASSETS, 'feature_stats.npz')
   config.demo.diffrs_thresholds = os.path.join(models, 'diffrs_thresholds.npz')
-  tuned = {section: dict(settings) for section, settings in TUNED[testbed].items()}
   # DiffRS warm-up quantile behind diffrs_thresholds.
-  config.demo.rej_percentile = tuned.get('diffrs', {}).pop('rej_percentile', 0.75)
+  config.demo.rej_percentile = TUNED[testbed].get('diffrs', {}).get('rej_percentile', 0.75)
   config.demo.warmup_samples = 2000     # warm-up samples of EDM for the DiffRS thresholds
-  config.demo.samplers = demo_samplers(tuned)
+  config.demo.samplers = demo_samplers(testbed)
 
   config.train = train_config(models)
   if testbed == 'skew':

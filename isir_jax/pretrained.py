@@ -74,6 +74,15 @@ TUNED = {
 RECOMMENDED = {'skew': 'isir_scaled', 'natural': 'dg'}
 
 
+def method_settings(testbed: str) -> dict:
+  """`DIGITS_SETTINGS` with the testbed's `TUNED` values (DiffRS's rej_percentile, the
+  quantile behind its thresholds file, is not a sampler setting)."""
+  settings = {k: dict(v) for k, v in DIGITS_SETTINGS.items()}
+  for method, tuned in TUNED[testbed].items():
+    settings[method].update({k: v for k, v in tuned.items() if k != 'rej_percentile'})
+  return settings
+
+
 def model_dir(testbed: str) -> str:
   """The directory of a testbed's denoiser, discriminator and DiffRS thresholds."""
   if testbed not in TESTBEDS:
@@ -90,7 +99,7 @@ class Digits(NamedTuple):
     discriminator: its DG discriminator (`types.Discriminator`).
     feature_net: the clean-digit classifier: ``predict(images)`` gives classes [B],
       ``features(images)`` the 32-d features of FD-digits.
-    settings: method -> sampler settings (`DIGITS_SETTINGS`, DiffRS's with the testbed's
+    settings: method -> sampler settings (`method_settings`, DiffRS's with the testbed's
       thresholds), each with the registry ``name``.
     recommended: the method of the best quality on this testbed.
   """
@@ -125,9 +134,7 @@ def digits(testbed: str = 'skew') -> Digits:
     `Digits`: the denoiser, the discriminator, the clean-digit classifier and the settings.
   """
   directory = model_dir(testbed)
-  settings = {k: dict(v) for k, v in DIGITS_SETTINGS.items()}
-  for method, tuned in TUNED[testbed].items():
-    settings[method].update({k: v for k, v in tuned.items() if k != 'rej_percentile'})
+  settings = method_settings(testbed)
   settings['diffrs']['thresholds'] = diffrs.Thresholds(
       *io.load_thresholds(os.path.join(directory, THRESHOLDS_NAME)))
   return Digits(testbed,

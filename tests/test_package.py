@@ -60,7 +60,9 @@ def test_pretrained_digits_draw_and_score():
 
 def test_the_demo_config_reads_the_packaged_settings():
   config = digits_config.get_config()
-  assert config.demo.samplers.to_dict() == pretrained.DIGITS_SETTINGS
+  assert config.demo.samplers.to_dict() == pretrained.method_settings('skew')
+  assert config.demo.samplers.dg.dg_weight_1st_order == pretrained.TUNED['skew']['dg'][
+      'dg_weight_1st_order']
   assert config.model.denoiser == os.path.join(pretrained.model_dir('skew'), 'denoiser')
 
 
