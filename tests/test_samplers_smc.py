@@ -56,7 +56,8 @@ def test_one_particle_one_candidate_is_the_plain_sampler_bit_for_bit(kernel):
   assert np.all(s_smc['disc_evals'] == 0) and np.all(s_smc['resamples'] == 0)
 
 
-@pytest.mark.parametrize('kernel', [dict(S_churn=40.0), dict(proposal='ancestral')])
+@pytest.mark.parametrize('kernel', [dict(S_churn=40.0), dict(proposal='ancestral'),
+                                    dict(proposal='dpmpp_2m_sde')])
 def test_one_particle_n_candidates_is_isir_k1_bit_for_bit(kernel):
   keys = sample_keys(2, 256)
   settings = dict(num_steps=6, num_candidates=4, weight_scale=2.0, **kernel)
