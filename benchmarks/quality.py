@@ -118,6 +118,10 @@ class Tuned:
 CHURN = dict(S_churn=5.0, S_min=0.01, S_max=50.0, S_noise=1.0)
 ANCESTRAL = dict(proposal='ancestral', eta=1.0)
 DPM2M = dict(proposal='dpmpp_2m_sde', eta=1.0)
+# SMC on the ancestral kernel resampling down to t' = 0, and SMC as the presets run it: the 2M
+# kernel, resampling while t' >= 0.5 (explicit, so that the rows do not follow the presets).
+SMC_ANCESTRAL = dict(ANCESTRAL, resample_window=(0.0, math.inf))
+SMC_DPM2M = dict(DPM2M, resample_window=(0.5, math.inf))
 # EDM on each proposal kernel: the same-kernel baseline of the rows on it.
 KERNEL_BASELINES = {'heun': 'edm', 'churn': 'edm churn', 'ancestral': 'edm ancestral',
                     'dpmpp_2m_sde': 'edm dpm2m'}
@@ -159,8 +163,7 @@ ENTRIES = (
           dict(num_candidates=8, num_iterations=1), 'weight_scale', (4.0, 8.0), 1.0,
           'ancestral'),
     # SMC over groups of G consecutive samples (ancestral kernel, resampling every step).
-    Tuned('smc ancestral G', 'smc', dict(ANCESTRAL, resample_window=(0.0, math.inf)),
-          'group_size', (8, 16, 64), 16, 'ancestral'),
+    Tuned('smc ancestral G', 'smc', SMC_ANCESTRAL, 'group_size', (8, 16, 64), 16, 'ancestral'),
     # Resampling only while t' >= 0.5, so that the last steps separate the copies (the
     # window was picked on validation seeds 100-102 among t' >= 0.5 / >= 2 and G = 8 / 16).
     Row('smc ancestral G=16 window t>=0.5', 'smc',
@@ -169,17 +172,15 @@ ENTRIES = (
     # kernel loses 0.12), resampling while t' >= 0.5: the demo's SMC (the kernel and window
     # picked on validation seeds 100-104 among the ancestral, Euler-churn and 2M kernels and
     # t' >= 0 / 0.2 / 0.5 / 1).
-    Tuned('smc dpm2m window t>=0.5 G', 'smc', dict(DPM2M, resample_window=(0.5, math.inf)),
-          'group_size', (8, 16, 64), 16, 'dpmpp_2m_sde', config_section='smc'),
+    Tuned('smc dpm2m window t>=0.5 G', 'smc', SMC_DPM2M, 'group_size', (8, 16, 64), 16,
+          'dpmpp_2m_sde', config_section='smc'),
     # The same with an SIR move of N = 8 candidates per particle and weighted step (more
     # discriminator calls, no more NFE: the candidates share the step's mean).
-    Row('smc dpm2m G=16 window t>=0.5 N=8', 'smc',
-        dict(DPM2M, group_size=16, resample_window=(0.5, math.inf), num_candidates=8),
+    Row('smc dpm2m G=16 window t>=0.5 N=8', 'smc', dict(SMC_DPM2M, group_size=16, num_candidates=8),
         'dpmpp_2m_sde'),
     # The guided ancestral kernel alone (DG's term in the mean, G = 1: no weights).
     Row('guided ancestral w=2 (smc G=1)', 'smc',
-        dict(ANCESTRAL, group_size=1, guidance_weight=2.0, resample_window=(0.0, math.inf)),
-        'ancestral'),
+        dict(SMC_ANCESTRAL, group_size=1, guidance_weight=2.0), 'ancestral'),
 )
 ENTRY = {e.label: e for e in ENTRIES}
 # The entries of each testbed (their same-kernel baselines join automatically). Left out for
