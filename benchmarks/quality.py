@@ -170,8 +170,7 @@ ENTRIES = (
         dict(ANCESTRAL, group_size=16, resample_window=(0.5, math.inf)), 'ancestral'),
     # SMC on DPM-Solver++(2M) SDE proposals, which keep EDM's recall at 18 NFE (the ancestral
     # kernel loses 0.12), resampling while t' >= 0.5: the demo's SMC (the kernel and window
-    # picked on validation seeds 100-104 among the ancestral, Euler-churn and 2M kernels and
-    # t' >= 0 / 0.2 / 0.5 / 1).
+    # picked on validation seeds 100-104 by `benchmarks.smc_variants`).
     Tuned('smc dpm2m window t>=0.5 G', 'smc', SMC_DPM2M, 'group_size', (8, 16, 64), 16,
           'dpmpp_2m_sde', config_section='smc'),
     # The same with an SIR move of N = 8 candidates per particle and weighted step (more

@@ -142,3 +142,21 @@ def test_duplicate_distance_is_a_fraction_of_the_median_nearest_neighbour_distan
   # Points 0, 1 and 3 on a line: nearest-neighbour distances 1, 1, 2 (median 1).
   images = np.array([0.0, 1.0, 3.0]).reshape(3, 1, 1, 1)
   assert quality.duplicate_distance(images, fraction=0.1) == pytest.approx(0.1)
+
+
+def test_smc_variants_table_pairs_each_variant_with_its_kernel():
+  from benchmarks import smc_variants
+  rows = list(smc_variants.BASELINES.values()) + list(smc_variants.VARIANTS)
+  assert len({r.label for r in rows}) == len(rows)
+  assert {r.kernel for r in smc_variants.VARIANTS} <= set(smc_variants.BASELINES)
+  # EDM on the 2M kernel at class error 0.3 on both seeds; a 2M variant 0.1 lower.
+  results = {}
+  for r in rows:
+    for seed, noise in ((100, 0.0), (101, 0.01)):
+      error = 0.3 + noise - (0.1 if r.kernel == 'dpmpp_2m_sde' and r.section == 'smc' else 0)
+      results[(r.label, seed)] = dict(class_error=error, fd=50.0, precision=0.7, recall=0.9,
+                                      stats=dict(disc_evals=11.0))
+  lines = smc_variants.table(results, [100, 101]).splitlines()
+  assert len(lines) == 2 + len(rows)
+  window = next(line for line in lines if line.startswith('| smc dpmpp_2m_sde t>=0.5 |'))
+  assert '| 0.205 | 50.000 |' in window and '-0.100 [-0.100, -0.100]' in window
